@@ -1,0 +1,5 @@
+"""``python -m morphonnx``."""
+
+from morphonnx.cli import main
+
+raise SystemExit(main())
