@@ -1,0 +1,188 @@
+"""Channel variables, the ties between them, and the stops: what the channel rules write into.
+
+Every channel of a tensor's channel axis, and every slice of a weight along an axis that a rule
+names, is one integer variable. A *slot* is a run of variables for one (tensor, axis). Rules tie
+variables (these channels must live or die together) and stop them (these channels may not be
+removed, for a reason a user can read). The group solver turns that into groups.
+
+A tensor whose channels no rule could follow (a graph input, the output of an unsupported op) has no
+slot of its own but a *why*; a consumer that needs its channels gets a slot that is stopped with that
+why, so nothing unknown is ever assumed to pass channels through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from morphonnx.graph import Graph, Node
+
+
+@dataclass
+class Slot:
+    """Variables ``base .. base+size-1``: index ``i`` along ``axis`` of ``tensor``."""
+
+    id: int
+    tensor: str
+    axis: int
+    size: int
+    base: int
+    const: bool
+    role: str = ""  # for weights: producer, consumer, gamma, beta, stat, bias, scale, const
+
+    @property
+    def vars(self) -> np.ndarray:
+        return np.arange(self.base, self.base + self.size)
+
+
+@dataclass
+class Channels:
+    """All slots of a graph with their ties and stops."""
+
+    graph: Graph
+    slots: list[Slot] = field(default_factory=list)
+    by_key: dict[tuple[str, int], Slot] = field(default_factory=dict)
+    axis_of: dict[str, int] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)
+    n_vars: int = 0
+    ties_a: list[np.ndarray] = field(default_factory=list)
+    ties_b: list[np.ndarray] = field(default_factory=list)
+    stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
+
+    def slot_for(self, tensor: str, axis: int, *, const: bool, role: str = "") -> Slot:
+        key = (tensor, axis)
+        slot = self.by_key.get(key)
+        if slot is not None:
+            return slot
+        shape = self.graph.shape(tensor)
+        assert shape is not None and 0 <= axis < len(shape) and shape[axis] >= 0
+        slot = Slot(len(self.slots), tensor, axis, shape[axis], self.n_vars, const, role)
+        self.n_vars += slot.size
+        self.slots.append(slot)
+        self.by_key[key] = slot
+        if not const:
+            self.axis_of[tensor] = axis
+        return slot
+
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        self.ties_a.append(a.reshape(-1))
+        self.ties_b.append(b.reshape(-1))
+
+    def stop(self, variables: np.ndarray, reason: str) -> None:
+        self.stops.append((np.asarray(variables, dtype=np.int64).reshape(-1), reason))
+
+
+class RuleContext:
+    """What a channel rule sees of one node, and the verbs it uses to tie and stop channels."""
+
+    def __init__(self, channels: Channels, node: Node) -> None:
+        self.ch = channels
+        self.graph = channels.graph
+        self.node = node
+
+    # --- reading -----------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[str]:
+        return self.node.inputs
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.node.outputs
+
+    def input(self, i: int) -> str:
+        return self.node.inputs[i] if i < len(self.node.inputs) else ""
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        s = self.graph.shape(tensor)
+        assert s is not None
+        return s
+
+    def rank(self, tensor: str) -> int:
+        return len(self.shape(tensor))
+
+    def is_const(self, tensor: str) -> bool:
+        return self.graph.is_const(tensor)
+
+    def axis(self, tensor: str) -> int | None:
+        """The channel axis of an activation, or None when it carries no known channels."""
+        return self.ch.axis_of.get(tensor)
+
+    def value(self, tensor: str) -> np.ndarray | None:
+        """A small constant's value (axes, shapes, sizes), or None if not a small constant."""
+        return self.graph.small_value(tensor) if tensor else None
+
+    def where(self) -> str:
+        return f"node `{self.node.name}`"
+
+    # --- slots -------------------------------------------------------------------------------
+    def out(self, tensor: str, axis: int) -> Slot:
+        """Declare ``axis`` the channel axis of an output activation."""
+        return self.ch.slot_for(tensor, axis, const=False)
+
+    def weight(self, tensor: str, axis: int, role: str) -> Slot:
+        """The slot of a constant along ``axis`` (a member of the groups it gets tied to)."""
+        return self.ch.slot_for(tensor, axis % self.rank(tensor), const=True, role=role)
+
+    def channels_of(self, tensor: str, axis: int) -> Slot:
+        """The slot of an input activation on ``axis``; when the tensor's channels are unknown
+        here, a slot stopped with the reason (graph input, unsupported producer, ...)."""
+        own = self.axis(tensor)
+        if own == axis:
+            return self.ch.by_key[(tensor, axis)]
+        if own is not None:
+            slot = self.ch.by_key[(tensor, own)]
+            self.stop(
+                slot,
+                f"{self.node.op_type} at {self.where()} expects channels of `{tensor}` on axis "
+                f"{axis}, they are on axis {own}",
+            )
+            key = (tensor, axis)
+            extra = self.ch.by_key.get(key)
+            if extra is None:
+                extra = Slot(
+                    len(self.ch.slots), tensor, axis, self.shape(tensor)[axis], self.ch.n_vars, False
+                )
+                self.ch.n_vars += extra.size
+                self.ch.slots.append(extra)
+                self.ch.by_key[key] = extra
+            self.stop(extra, f"channel axis conflict at {self.where()}")
+            return extra
+        slot = self.ch.slot_for(tensor, axis, const=False)
+        self.ch.stop(slot.vars, self.ch.why.get(tensor, f"channels of `{tensor}` are not known"))
+        return slot
+
+    # --- ties and stops ------------------------------------------------------------------------
+    def same(self, a: Slot, b: Slot) -> None:
+        """Channel i of ``a`` is channel i of ``b``."""
+        assert a.size == b.size, (a, b)
+        self.ch.tie(a.vars, b.vars)
+
+    def tie(self, a: Slot, ia: np.ndarray, b: Slot, ib: np.ndarray) -> None:
+        """Variables ``a[ia]`` and ``b[ib]`` (broadcast together) live or die together."""
+        self.ch.tie(a.base + np.asarray(ia), b.base + np.asarray(ib))
+
+    def stop(self, slot: Slot, reason: str, index: np.ndarray | None = None) -> None:
+        v = slot.vars if index is None else slot.base + np.asarray(index)
+        self.ch.stop(v, reason)
+
+    def no_channels(self, reason: str, outputs: list[str] | None = None) -> None:
+        """The outputs carry no channels a rule can follow; consumers learn why."""
+        for t in self.outputs if outputs is None else outputs:
+            if t and t not in self.ch.axis_of:
+                self.ch.why.setdefault(t, reason)
+
+    def stop_all(self, reason: str) -> None:
+        """Channels may not cross this node: stop every input that carries channels."""
+        for t in dict.fromkeys(self.inputs + self.node.implicit_inputs):
+            a = self.axis(t) if t else None
+            if a is not None:
+                self.stop(self.ch.by_key[(t, a)], reason)
+        self.no_channels(reason)
+
+    def inherit_why(self) -> str:
+        for t in self.inputs:
+            if t in self.ch.why:
+                return self.ch.why[t]
+        return f"output of {self.node.op_type} at {self.where()}"

@@ -1,0 +1,111 @@
+"""Constant folding of the small subgraphs exporters put between a weight and its use.
+
+Old exporters and tf2onnx wrap per-channel weights in ``Unsqueeze`` / ``Reshape`` / ``Cast`` or
+compute them (``gamma / sqrt(var + eps)``). A node whose inputs are all constants and whose op is in
+this table yields a *folded* constant: a weight in its own right, with its own name, sliced and written
+as an initializer by ``prune``. Values are computed with numpy only when needed (never by analyze).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from onnx import helper
+
+from morphonnx.graph import Node
+
+Fold = Callable[[Node, Sequence[np.ndarray | None]], np.ndarray]
+
+
+def _axes(node: Node, inputs: Sequence[np.ndarray | None], rank: int) -> list[int]:
+    raw = node.attr("axes")
+    if raw is None and len(inputs) > 1 and inputs[1] is not None:
+        raw = inputs[1].tolist()
+    return sorted(int(a) % rank for a in (raw or []))
+
+
+def _unsqueeze(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x = inputs[0]
+    assert x is not None
+    raw = node.attr("axes")
+    if raw is None and inputs[1] is not None:
+        raw = inputs[1].tolist()
+    rank = x.ndim + len(raw or [])
+    return np.expand_dims(x, tuple(sorted(int(a) % rank for a in raw or [])))
+
+
+def _squeeze(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x = inputs[0]
+    assert x is not None
+    axes = _axes(node, inputs, x.ndim)
+    return np.squeeze(x, tuple(axes)) if axes else np.squeeze(x)
+
+
+def _reshape(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x, shape = inputs[0], inputs[1]
+    assert x is not None
+    if shape is None:
+        shape = np.array(node.attr("shape"))
+    target = [int(d) for d in shape.tolist()]
+    if not node.attr("allowzero", 0):
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+def _transpose(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x = inputs[0]
+    assert x is not None
+    perm = node.attr("perm")
+    return np.transpose(x, perm) if perm is not None else x.T
+
+
+def _flatten(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x = inputs[0]
+    assert x is not None
+    axis = int(node.attr("axis", 1)) % (x.ndim + 1) if x.ndim else 0
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _cast(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x = inputs[0]
+    assert x is not None
+    return x.astype(helper.tensor_dtype_to_np_dtype(int(node.attr("to"))))
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Fold:
+    def fold(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+        a, b = inputs[0], inputs[1]
+        assert a is not None and b is not None
+        return np.asarray(fn(a, b)).astype(np.result_type(a, b))
+
+    return fold
+
+
+def _unary(fn: Callable[[np.ndarray], np.ndarray]) -> Fold:
+    def fold(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+        x = inputs[0]
+        assert x is not None
+        return np.asarray(fn(x)).astype(x.dtype)
+
+    return fold
+
+
+FOLDS: dict[str, Fold] = {
+    "Identity": _unary(lambda x: x),
+    "Cast": _cast,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Flatten": _flatten,
+    "Neg": _unary(np.negative),
+    "Sqrt": _unary(np.sqrt),
+    "Reciprocal": _unary(np.reciprocal),
+    "Abs": _unary(np.abs),
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(np.divide),
+}
+"""Ops folded when every input is constant: shape views and the arithmetic of BN decompositions."""

@@ -1,0 +1,178 @@
+"""The group solver: union-find over channel variables, then channels that share slots are a group.
+
+After the rules tie variables, each connected class is one prunable unit: a channel of a producing
+layer together with every slice of every weight and activation that must go with it. Classes that
+touch exactly the same slots form one *group* (the 64 filters of a conv and everything downstream of
+them); a group is prunable when none of its classes is stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from morphonnx.channels import Channels, Slot
+from morphonnx.graph import Graph
+from morphonnx.rules import build_channels
+
+
+@dataclass
+class Member:
+    """The slices of one tensor along ``axis`` that belong to each channel of a group."""
+
+    tensor: str
+    axis: int
+    role: str
+    positions: list[list[int]]
+
+
+@dataclass
+class Group:
+    id: str
+    channels: int
+    prunable: bool
+    reasons: list[str]
+    members: list[Member]  # constants: weights, biases, norm parameters, per-channel constants
+    activations: list[Member]  # computed tensors whose channel axis carries the group
+    labels: np.ndarray = field(repr=False)  # class label of each channel
+
+    @property
+    def reason(self) -> str | None:
+        if self.prunable:
+            return None
+        shown = self.reasons[:3]
+        more = f" (+{len(self.reasons) - 3} more)" if len(self.reasons) > 3 else ""
+        return "; ".join(shown) + more
+
+
+@dataclass
+class Solution:
+    """Groups of a graph, plus the variable labels that map any slot back to its groups."""
+
+    graph: Graph
+    channels: Channels
+    groups: list[Group]
+    labels: np.ndarray
+
+    def group(self, gid: str) -> Group:
+        for g in self.groups:
+            if g.id == gid:
+                return g
+        raise KeyError(gid)
+
+    def slot_labels(self, slot: Slot) -> np.ndarray:
+        return self.labels[slot.base : slot.base + slot.size]
+
+    def kept(self, slot: Slot, dead: np.ndarray) -> np.ndarray:
+        """Indices along ``slot`` that survive when classes ``dead`` (bool per label) die."""
+        return np.flatnonzero(~dead[self.slot_labels(slot)])
+
+    def dead_labels(self, mask: dict[str, list[bool]]) -> np.ndarray:
+        dead = np.zeros(self.channels.n_vars, dtype=bool)
+        for g in self.groups:
+            keep = mask.get(g.id)
+            if keep is not None:
+                dead[g.labels[~np.asarray(keep, dtype=bool)]] = True
+        return dead
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` variables under edges (a[i], b[i]): the smallest id of each
+    component, by min-label hooking with pointer jumping (vectorized, a few rounds)."""
+    parent = np.arange(n, dtype=np.int64)
+    if len(a) == 0:
+        return parent
+    while True:
+        pa, pb = parent[a], parent[b]
+        differ = pa != pb
+        if not differ.any():
+            return parent
+        pa, pb = pa[differ], pb[differ]
+        low = np.minimum(pa, pb)
+        np.minimum.at(parent, pa, low)
+        np.minimum.at(parent, pb, low)
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+
+
+def solve(graph: Graph) -> Solution:
+    """Channel groups of ``graph``, in a deterministic order (ids ``g0``, ``g1``, ...)."""
+    ch = build_channels(graph)
+    n = ch.n_vars
+    a = np.concatenate(ch.ties_a) if ch.ties_a else np.zeros(0, dtype=np.int64)
+    b = np.concatenate(ch.ties_b) if ch.ties_b else np.zeros(0, dtype=np.int64)
+    labels = components(n, a, b)
+    if n == 0:
+        return Solution(graph, ch, [], labels)
+    sizes = np.array([s.size for s in ch.slots], dtype=np.int64)
+    slot_of = np.repeat(np.arange(len(ch.slots)), sizes)
+    is_const = np.array([s.const for s in ch.slots], dtype=bool)
+
+    # a class's signature: the set of slots it touches (hashed by summing random slot keys)
+    pair = np.unique(labels * len(ch.slots) + slot_of)
+    pair_label, pair_slot = pair // len(ch.slots), pair % len(ch.slots)
+    keys = np.random.default_rng(0).integers(1, 2**62, size=len(ch.slots), dtype=np.int64)
+    sig = np.zeros(n, dtype=np.uint64)
+    np.add.at(sig, pair_label, keys[pair_slot].astype(np.uint64))
+    has_const = np.zeros(n, dtype=bool)
+    has_const[pair_label[is_const[pair_slot]]] = True
+
+    roots = np.flatnonzero((labels == np.arange(n)) & has_const)  # one per reported class
+    stopped: dict[int, list[str]] = {}
+    for variables, reason in ch.stops:
+        for lab in np.unique(labels[variables]).tolist():
+            lst = stopped.setdefault(lab, [])
+            if reason not in lst:
+                lst.append(reason)
+
+    by_sig: dict[int, list[int]] = {}
+    for r in roots.tolist():  # roots ascend, so channels come in order of first appearance
+        by_sig.setdefault(int(sig[r]), []).append(r)
+    ordered = sorted(by_sig.values(), key=lambda m: m[0])
+
+    group_of = np.full(n, -1, dtype=np.int64)
+    channel_of = np.zeros(n, dtype=np.int64)
+    for gi, members in enumerate(ordered):
+        group_of[members] = gi
+        channel_of[members] = np.arange(len(members))
+    v = np.flatnonzero(group_of[labels] >= 0)
+    gv, kv, sv = group_of[labels[v]], channel_of[labels[v]], slot_of[v]
+    pv = v - np.array([s.base for s in ch.slots], dtype=np.int64)[sv]
+    idx = np.lexsort((pv, kv, sv, gv))
+    gv, kv, sv, pv = gv[idx], kv[idx], sv[idx], pv[idx]
+    run = np.flatnonzero(np.diff(gv * len(ch.slots) + sv, prepend=-1, append=-1))
+
+    parts: dict[int, tuple[list[Member], list[Member]]] = {gi: ([], []) for gi in range(len(ordered))}
+    for lo, hi in zip(run[:-1].tolist(), run[1:].tolist(), strict=True):
+        gi, slot = int(gv[lo]), ch.slots[int(sv[lo])]
+        counts = np.bincount(kv[lo:hi], minlength=len(ordered[gi]))
+        if (counts == counts[0]).all():  # the usual case: same number of slices per channel
+            positions = pv[lo:hi].reshape(len(counts), -1).tolist()
+        else:
+            positions = [p.tolist() for p in np.split(pv[lo:hi], np.cumsum(counts)[:-1])]
+        member = Member(slot.tensor, slot.axis, slot.role, positions)
+        parts[gi][0 if slot.const else 1].append(member)
+
+    groups: list[Group] = []
+    for gi, members in enumerate(ordered):
+        reasons: list[str] = []
+        for r in members:
+            for reason in stopped.get(r, []):
+                if reason not in reasons:
+                    reasons.append(reason)
+        groups.append(
+            Group(
+                id=f"g{gi}",
+                channels=len(members),
+                prunable=not reasons,
+                reasons=reasons,
+                members=parts[gi][0],
+                activations=parts[gi][1],
+                labels=np.array(members, dtype=np.int64),
+            )
+        )
+    return Solution(graph, ch, groups, labels)

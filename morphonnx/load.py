@@ -1,0 +1,389 @@
+"""Safe loading of untrusted ONNX files into a :class:`~morphonnx.graph.Graph`.
+
+Three concerns live here and nowhere else:
+- the file is untrusted: parse errors become one-line errors, external-data locations may not leave
+  the model's folder, and weights are read lazily (analyze never needs their values);
+- symbolic input dims are resolved from ``--batch`` / ``--input-shape`` before shape inference, and a
+  dim left unknown is an error that names it;
+- shape inference runs on a copy of the graph *without* its big weights (they become typed graph
+  inputs), because ``onnx.shape_inference`` serializes the whole model, weights included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from morphonnx.errors import MorphonnxError
+from morphonnx.fold import FOLDS
+from morphonnx.graph import (
+    Constant,
+    Graph,
+    Node,
+    Shape,
+    TensorInfo,
+    attribute_values,
+    constant_node_value,
+    subgraph_outer_inputs,
+)
+
+SMALL_CONSTANT = 1024
+"""Constants up to this many elements stay in the shape-inference copy (shape vectors, axes)."""
+
+
+def load_graph(
+    path: str | os.PathLike[str],
+    *,
+    batch: int = 1,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> Graph:
+    """Load ``path`` with every tensor shape known, or raise a one-line :class:`MorphonnxError`."""
+    p = Path(path)
+    model = read_model(p)
+    check_external_data(model, p)
+    opset = default_opset(model)
+    defined = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    real_inputs = [i for i in model.graph.input if i.name not in defined]
+    fixed = resolve_input_shapes(p, real_inputs, batch, input_shapes or {})
+    nodes = make_nodes(model)
+    check_references(p, model, nodes)
+    constants = find_constants(model, nodes)
+    tensors = infer_tensor_shapes(p, model, fixed, constants)
+    fold_constants(nodes, constants, tensors)
+    return Graph(
+        model=model,
+        path=p,
+        nodes=nodes,
+        tensors=tensors,
+        constants=constants,
+        inputs=[i.name for i in real_inputs],
+        outputs=[o.name for o in model.graph.output],
+        opset=opset,
+    )
+
+
+def read_model(p: Path) -> onnx.ModelProto:
+    if not p.exists():
+        raise MorphonnxError(f"{p}: file not found")
+    if not p.is_file():
+        raise MorphonnxError(f"{p}: not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MorphonnxError(f"{p}: not a valid ONNX model ({first})") from None
+    if not model.HasField("graph") or not model.graph.output:
+        raise MorphonnxError(f"{p}: not a valid ONNX model (no graph outputs; truncated file?)")
+    return model
+
+
+def _tensor_protos(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    found = list(model.graph.initializer)
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                found.append(a.t)
+    return found
+
+
+def check_external_data(model: onnx.ModelProto, p: Path) -> None:
+    """Refuse external-data locations that escape the model's folder (absolute, ``..``, links)."""
+    base = p.resolve().parent
+    for t in _tensor_protos(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in t.external_data}
+        loc = entries.get("location", "")
+        where = f"{p}: external data of tensor '{t.name}' at '{loc}'"
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise MorphonnxError(f"{where} points outside the model's folder")
+        target = (base / loc).resolve()
+        if base not in target.parents:
+            raise MorphonnxError(f"{where} points outside the model's folder")
+        if not target.is_file():
+            raise MorphonnxError(f"{where} is missing")
+        end = int(entries.get("offset", 0) or 0) + int(entries.get("length", 0) or 0)
+        if end > target.stat().st_size:
+            raise MorphonnxError(f"{where} is shorter than the tensor (truncated file?)")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return onnx.defs.onnx_opset_version()
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def resolve_input_shapes(
+    p: Path,
+    inputs: Sequence[onnx.ValueInfoProto],
+    batch: int,
+    given: Mapping[str, Sequence[int]],
+) -> dict[str, list[int]]:
+    """Concrete shapes of the graph inputs: given ones, else declared ones with batch filled in."""
+    names = [i.name for i in inputs]
+    for name in given:
+        if name not in names:
+            raise MorphonnxError(f"{p}: --input-shape names '{name}', not an input of the model")
+    if batch < 1:
+        raise MorphonnxError(f"{p}: --batch must be at least 1")
+    fixed: dict[str, list[int]] = {}
+    for vi in inputs:
+        dims = _dims(vi)
+        if vi.name in given:
+            shape = [int(d) for d in given[vi.name]]
+            if dims is not None and len(dims) != len(shape):
+                raise MorphonnxError(
+                    f"{p}: input '{vi.name}' has rank {len(dims)}, --input-shape gives {len(shape)}"
+                )
+            if any(d < 1 for d in shape):
+                raise MorphonnxError(f"{p}: --input-shape for '{vi.name}' must be positive dims")
+            fixed[vi.name] = shape
+            continue
+        if dims is None:
+            if vi.type.HasField("tensor_type"):
+                raise MorphonnxError(
+                    f"{p}: input '{vi.name}' has no declared shape; pass --input-shape "
+                    f"{vi.name}=D0,D1,..."
+                )
+            continue
+        shape = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif axis == 0:
+                shape.append(batch)
+            else:
+                raise MorphonnxError(
+                    f"{p}: input '{vi.name}' has dynamic dim '{d}' at axis {axis}; pass "
+                    f"--input-shape {vi.name}=" + ",".join("N" if a == 0 else "D" for a in dims)
+                )
+        fixed[vi.name] = shape
+    return fixed
+
+
+def make_nodes(model: onnx.ModelProto) -> list[Node]:
+    """Nodes with unique stable names, in topological order."""
+    taken = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
+    nodes: list[Node] = []
+    for i, proto in enumerate(model.graph.node):
+        name = proto.name
+        if not name or name in seen:
+            base = f"{proto.op_type}_{i}"
+            name = base
+            k = 1
+            while name in taken or name in seen:
+                name = f"{base}_{k}"
+                k += 1
+        seen.add(name)
+        nodes.append(
+            Node(
+                index=i,
+                name=name,
+                op_type=proto.op_type,
+                domain=proto.domain,
+                inputs=list(proto.input),
+                outputs=list(proto.output),
+                attrs=attribute_values(proto),
+                implicit_inputs=subgraph_outer_inputs(proto),
+            )
+        )
+    return topological(nodes, model)
+
+
+def topological(nodes: list[Node], model: onnx.ModelProto) -> list[Node]:
+    """Graph order when it is already topological (the common case), else a stable Kahn sort."""
+    available = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    available.add("")
+    done = set(available)
+    ordered = True
+    for n in nodes:
+        if any(t not in done for t in n.inputs + n.implicit_inputs):
+            ordered = False
+            break
+        done.update(n.outputs)
+    if ordered:
+        return nodes
+    pending = list(nodes)
+    result: list[Node] = []
+    done = set(available)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(t in done for t in n.inputs + n.implicit_inputs):
+                result.append(n)
+                done.update(n.outputs)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            break
+        pending = rest
+    return result + pending
+
+
+def check_references(p: Path, model: onnx.ModelProto, nodes: list[Node]) -> None:
+    """Every tensor a node reads must exist (a truncated or hand-broken file fails here)."""
+    known = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    known.add("")
+    for n in nodes:
+        known.update(n.outputs)
+    for n in nodes:
+        for t in n.inputs + n.implicit_inputs:
+            if t not in known:
+                raise MorphonnxError(f"{p}: node '{n.name}' reads tensor '{t}' that nothing defines")
+    for o in model.graph.output:
+        if o.name not in known:
+            raise MorphonnxError(f"{p}: graph output '{o.name}' is not produced by any node")
+
+
+def find_constants(model: onnx.ModelProto, nodes: list[Node]) -> dict[str, Constant]:
+    """Initializers, ``Constant`` outputs and ``ConstantOfShape`` of a constant shape are weights."""
+    constants: dict[str, Constant] = {}
+    for t in model.graph.initializer:
+        constants[t.name] = Constant(
+            t.name, "initializer", tuple(t.dims), helper.tensor_dtype_to_np_dtype(t.data_type)
+        )
+    small_ints = {t.name: t for t in model.graph.initializer if int(np.prod(t.dims)) <= 64}
+    for n in nodes:
+        if not n.standard or not n.outputs:
+            continue
+        out = n.outputs[0]
+        if n.op_type == "Constant" and "sparse_value" not in n.attrs:
+            v = constant_node_value(n)
+            constants[out] = Constant(out, "constant_node", tuple(v.shape), v.dtype, node=n.name)
+        elif n.op_type == "ConstantOfShape":
+            src = n.inputs[0]
+            shape_value: np.ndarray | None = None
+            if src in small_ints:
+                shape_value = numpy_helper.to_array(small_ints[src])
+            elif src in constants and constants[src].kind == "constant_node":
+                shape_value = constant_node_value(
+                    next(m for m in nodes if m.name == constants[src].node)
+                )
+            if shape_value is None:
+                continue
+            fill = n.attr("value")
+            dtype = (
+                helper.tensor_dtype_to_np_dtype(fill.data_type)
+                if fill is not None
+                else np.dtype(np.float32)
+            )
+            shape = tuple(int(d) for d in np.asarray(shape_value).reshape(-1))
+            constants[out] = Constant(out, "constant_of_shape", shape, dtype, node=n.name)
+    return constants
+
+
+def fold_constants(
+    nodes: list[Node], constants: dict[str, Constant], tensors: Mapping[str, TensorInfo]
+) -> None:
+    """Outputs of foldable ops whose inputs are all constant become (folded) constants."""
+    for n in nodes:
+        if not n.standard or n.op_type not in FOLDS or len(n.outputs) != 1:
+            continue
+        if not all(t == "" or t in constants for t in n.inputs) or not n.inputs[0]:
+            continue
+        info = tensors.get(n.outputs[0])
+        if info is None or info.shape is None or not info.known or info.dtype is None:
+            continue
+        constants[n.outputs[0]] = Constant(
+            n.outputs[0], "folded", info.shape, info.dtype, node=n.name
+        )
+
+
+def infer_tensor_shapes(
+    p: Path,
+    model: onnx.ModelProto,
+    fixed: Mapping[str, Sequence[int]],
+    constants: Mapping[str, Constant],
+) -> dict[str, TensorInfo]:
+    """Run ONNX shape inference on a weight-free copy of the graph with concrete input shapes."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    big_const_nodes = {
+        c.node
+        for c in constants.values()
+        if c.kind == "constant_node" and int(np.prod(c.shape)) > SMALL_CONSTANT
+    }
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.name and n.name in big_const_nodes:
+            continue
+        if n.op_type == "Constant" and not n.name and n.output[0] in constants:
+            c = constants[n.output[0]]
+            if int(np.prod(c.shape)) > SMALL_CONSTANT:
+                big_const_nodes.add(n.output[0])
+                continue
+        g.node.append(n)
+    for vi in model.graph.input:
+        if vi.name in fixed:
+            elem = vi.type.tensor_type.elem_type
+            g.input.append(helper.make_tensor_value_info(vi.name, elem, list(fixed[vi.name])))
+        elif vi.name not in constants:
+            g.input.append(vi)
+    for t in model.graph.initializer:
+        if int(np.prod(t.dims)) <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+            if model.ir_version < 4:  # IR 3 only sees initializers that are also graph inputs
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for c in constants.values():
+        if c.kind == "constant_node" and int(np.prod(c.shape)) > SMALL_CONSTANT:
+            elem = helper.np_dtype_to_tensor_dtype(c.dtype)
+            g.input.append(helper.make_tensor_value_info(c.name, elem, list(c.shape)))
+    for o in model.graph.output:
+        g.output.append(helper.make_value_info(o.name, _type_without_shape(o.type)))
+    custom_outputs = {out for n in model.graph.node if n.domain not in ("", "ai.onnx") for out in n.output}
+    g.value_info.extend(v for v in model.graph.value_info if v.name in custom_outputs)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            light, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception as exc:
+        msg = " ".join(str(exc).split())
+        raise MorphonnxError(f"{p}: shape inference failed: {msg[:300]}") from None
+    tensors: dict[str, TensorInfo] = {}
+    ig = inferred.graph
+    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
+        tensors[vi.name] = _info(vi)
+    for vi in model.graph.output:
+        declared = _info(vi)
+        if vi.name not in tensors or tensors[vi.name].shape is None:
+            tensors[vi.name] = declared
+    return tensors
+
+
+def _type_without_shape(t: onnx.TypeProto) -> onnx.TypeProto:
+    out = onnx.TypeProto()
+    out.CopyFrom(t)
+    if out.HasField("tensor_type"):
+        out.tensor_type.ClearField("shape")
+    return out
+
+
+def _info(vi: onnx.ValueInfoProto) -> TensorInfo:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return TensorInfo(vi.name, None, None)
+    dtype = helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else None
+    shape: Shape | None = None
+    if t.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else -1 for d in t.shape.dim
+        )
+    return TensorInfo(vi.name, shape, dtype)
