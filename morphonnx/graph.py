@@ -103,6 +103,10 @@ class Graph:
         return result
 
     @cached_property
+    def initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.model.graph.initializer}
+
+    @cached_property
     def by_name(self) -> dict[str, Node]:
         return {n.name: n for n in self.nodes}
 
@@ -146,13 +150,9 @@ class Graph:
         return self.value(name)
 
 
-def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
 def _constant_value(graph: Graph, c: Constant) -> np.ndarray:
     if c.kind == "initializer":
-        tensor = initializer_map(graph.model)[c.name]
+        tensor = graph.initializers[c.name]
         return numpy_helper.to_array(tensor, base_dir=str(graph.path.parent))
     node = graph.by_name[c.node or ""]
     if c.kind == "constant_node":

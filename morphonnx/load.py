@@ -3,8 +3,8 @@
 Three concerns live here and nowhere else:
 - the file is untrusted: parse errors become one-line errors, external-data locations may not leave
   the model's folder, and weights are read lazily (analyze never needs their values);
-- symbolic input dims are resolved from ``--batch`` / ``--input-shape`` before shape inference, and a
-  dim left unknown is an error that names it;
+- symbolic input dims are resolved from ``--batch`` / ``--input-shape`` before shape inference,
+  and a dim left unknown is an error that names it;
 - shape inference runs on a copy of the graph *without* its big weights (they become typed graph
   inputs), because ``onnx.shape_inference`` serializes the whole model, weights included.
 """
@@ -43,16 +43,35 @@ def load_graph(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Graph:
     """Load ``path`` with every tensor shape known, or raise a one-line :class:`MorphonnxError`."""
-    p = Path(path)
+    try:
+        return _load_graph(Path(path), batch, input_shapes or {})
+    except MorphonnxError as err:
+        flat = _one_line(str(err))
+        if flat != str(err):
+            raise MorphonnxError(flat) from None
+        raise
+
+
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+"""Characters ``str.splitlines`` breaks on."""
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks escaped, so names and paths from the file cannot split it."""
+    return "".join(c.encode("unicode_escape").decode() if c in _LINE_BREAKS else c for c in text)
+
+
+def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) -> Graph:
     model = read_model(p)
     check_external_data(model, p)
     opset = default_opset(model)
-    defined = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    defined = {t.name for t in model.graph.initializer}
+    defined.update(o for n in model.graph.node for o in n.output)
     real_inputs = [i for i in model.graph.input if i.name not in defined]
-    fixed = resolve_input_shapes(p, real_inputs, batch, input_shapes or {})
+    fixed = resolve_input_shapes(p, real_inputs, batch, input_shapes)
     nodes = make_nodes(model)
     check_references(p, model, nodes)
-    constants = find_constants(model, nodes)
+    constants = find_constants(model, nodes, p)
     tensors = infer_tensor_shapes(p, model, fixed, constants)
     fold_constants(nodes, constants, tensors)
     return Graph(
@@ -74,11 +93,15 @@ def read_model(p: Path) -> onnx.ModelProto:
         raise MorphonnxError(f"{p}: not a file")
     try:
         model = onnx.load(str(p), load_external_data=False)
+    except OSError as exc:
+        raise MorphonnxError(f"{p}: cannot read file ({exc.strerror or exc})") from None
     except Exception as exc:  # protobuf raises several unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MorphonnxError(f"{p}: not a valid ONNX model ({first})") from None
     if not model.HasField("graph") or not model.graph.output:
         raise MorphonnxError(f"{p}: not a valid ONNX model (no graph outputs; truncated file?)")
+    if not model.opset_import and model.ir_version >= 3:
+        raise MorphonnxError(f"{p}: not a valid ONNX model (no opset_import; truncated file?)")
     return model
 
 
@@ -91,9 +114,20 @@ def _tensor_protos(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return found
 
 
+_PACKED_OR_VARIABLE = frozenset(
+    getattr(onnx.TensorProto, n, -1)
+    for n in ("UNDEFINED", "STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+)
+"""Element types whose stored size is not ``numel * itemsize``."""
+
+
 def check_external_data(model: onnx.ModelProto, p: Path) -> None:
-    """Refuse external-data locations that escape the model's folder (absolute, ``..``, links)."""
-    base = p.resolve().parent
+    """Refuse external-data locations that escape the model's folder (absolute, ``..``, links).
+
+    The folder is the one holding ``p`` as given (not a symlink's target): that is where
+    ``onnx`` and :meth:`Graph.value` look for the data.
+    """
+    base = p.absolute().parent.resolve()
     for t in _tensor_protos(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -107,8 +141,16 @@ def check_external_data(model: onnx.ModelProto, p: Path) -> None:
             raise MorphonnxError(f"{where} points outside the model's folder")
         if not target.is_file():
             raise MorphonnxError(f"{where} is missing")
-        end = int(entries.get("offset", 0) or 0) + int(entries.get("length", 0) or 0)
-        if end > target.stat().st_size:
+        try:
+            offset, length = (int(entries.get(k) or 0) for k in ("offset", "length"))
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or length < 0:
+            raise MorphonnxError(f"{where} has an invalid offset or length")
+        if not length and t.data_type not in _PACKED_OR_VARIABLE:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            length = int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        if offset + length > target.stat().st_size:
             raise MorphonnxError(f"{where} is shorter than the tensor (truncated file?)")
 
 
@@ -166,16 +208,24 @@ def resolve_input_shapes(
             elif axis == 0:
                 shape.append(batch)
             else:
+                hint = ",".join(
+                    str(v) if isinstance(v, int) and v > 0 else str(batch) if a == 0 else f"D{a}"
+                    for a, v in enumerate(dims)
+                )
                 raise MorphonnxError(
                     f"{p}: input '{vi.name}' has dynamic dim '{d}' at axis {axis}; pass "
-                    f"--input-shape {vi.name}=" + ",".join("N" if a == 0 else "D" for a in dims)
+                    f"--input-shape {vi.name}={hint} with a size for each D"
                 )
         fixed[vi.name] = shape
     return fixed
 
 
 def make_nodes(model: onnx.ModelProto) -> list[Node]:
-    """Nodes with unique stable names, in topological order."""
+    """Nodes with unique stable names, in topological order.
+
+    A node without a name, or whose name an earlier node already has, is called
+    ``{op_type}_{index}`` (with a ``_k`` suffix if that clashes), so names depend only on the file.
+    """
     taken = {n.name for n in model.graph.node if n.name}
     seen: set[str] = set()
     nodes: list[Node] = []
@@ -243,14 +293,27 @@ def check_references(p: Path, model: onnx.ModelProto, nodes: list[Node]) -> None
     for n in nodes:
         for t in n.inputs + n.implicit_inputs:
             if t not in known:
-                raise MorphonnxError(f"{p}: node '{n.name}' reads tensor '{t}' that nothing defines")
+                raise MorphonnxError(
+                    f"{p}: node '{n.name}' reads tensor '{t}' that nothing defines"
+                )
+    done = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input} | {""}
+    for n in nodes:  # topological() sorted all it could: a late read now means a cycle
+        late = next((t for t in n.inputs + n.implicit_inputs if t not in done), None)
+        if late is not None:
+            raise MorphonnxError(
+                f"{p}: the graph has a cycle: node '{n.name}' reads tensor '{late}', "
+                "which depends on the node's own output"
+            )
+        done.update(n.outputs)
     for o in model.graph.output:
         if o.name not in known:
             raise MorphonnxError(f"{p}: graph output '{o.name}' is not produced by any node")
 
 
-def find_constants(model: onnx.ModelProto, nodes: list[Node]) -> dict[str, Constant]:
-    """Initializers, ``Constant`` outputs and ``ConstantOfShape`` of a constant shape are weights."""
+def find_constants(
+    model: onnx.ModelProto, nodes: list[Node], path: Path | None = None
+) -> dict[str, Constant]:
+    """Initializers, ``Constant`` outputs and ``ConstantOfShape`` of a constant shape (weights)."""
     constants: dict[str, Constant] = {}
     for t in model.graph.initializer:
         constants[t.name] = Constant(
@@ -262,7 +325,13 @@ def find_constants(model: onnx.ModelProto, nodes: list[Node]) -> dict[str, Const
             continue
         out = n.outputs[0]
         if n.op_type == "Constant" and "sparse_value" not in n.attrs:
-            v = constant_node_value(n)
+            try:
+                v = constant_node_value(n)
+            except Exception as exc:  # no value attribute, or a malformed tensor
+                msg = " ".join(str(exc).split())[:200]
+                raise MorphonnxError(
+                    f"{path}: Constant node '{n.name}' is invalid ({msg})"
+                ) from None
             constants[out] = Constant(out, "constant_node", tuple(v.shape), v.dtype, node=n.name)
         elif n.op_type == "ConstantOfShape":
             src = n.inputs[0]
@@ -315,19 +384,15 @@ def infer_tensor_shapes(
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
     g = light.graph
-    big_const_nodes = {
-        c.node
+    big_constant_nodes = {
+        c.name
         for c in constants.values()
         if c.kind == "constant_node" and int(np.prod(c.shape)) > SMALL_CONSTANT
     }
     for n in model.graph.node:
-        if n.op_type == "Constant" and n.name and n.name in big_const_nodes:
-            continue
-        if n.op_type == "Constant" and not n.name and n.output[0] in constants:
-            c = constants[n.output[0]]
-            if int(np.prod(c.shape)) > SMALL_CONSTANT:
-                big_const_nodes.add(n.output[0])
-                continue
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
+            if n.output[0] in big_constant_nodes:
+                continue  # becomes a typed graph input below
         g.node.append(n)
     for vi in model.graph.input:
         if vi.name in fixed:
@@ -348,7 +413,9 @@ def infer_tensor_shapes(
             g.input.append(helper.make_tensor_value_info(c.name, elem, list(c.shape)))
     for o in model.graph.output:
         g.output.append(helper.make_value_info(o.name, _type_without_shape(o.type)))
-    custom_outputs = {out for n in model.graph.node if n.domain not in ("", "ai.onnx") for out in n.output}
+    custom_outputs = {
+        out for n in model.graph.node if n.domain not in ("", "ai.onnx") for out in n.output
+    }
     g.value_info.extend(v for v in model.graph.value_info if v.name in custom_outputs)
     try:
         inferred = onnx.shape_inference.infer_shapes(

@@ -25,6 +25,9 @@ ChannelRule = Callable[[RuleContext], None]
 class Rule:
     channels: ChannelRule
     rewrite: str | None = None  # name of the rewrite in morphonnx.prune.REWRITES
+    # the rule reads no shapes (it only stops or names no channels), so it runs even where shape
+    # inference failed: the user then reads the op's own reason, not "shape unknown"
+    shapeless: bool = False
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -166,7 +169,10 @@ def conv(ctx: RuleContext) -> None:
     if b:
         ctx.same(y, ctx.weight(b, 0, "bias"))
     xs = ctx.channels_of(x, 1)
-    _group_ties(ctx, xs, y, g, cin_g, cout // g, ctx.weight(w, 1, "consumer") if cin_g > 1 else None)
+    # a plain conv reads every input channel through axis 1 (size 1 for a one-channel input);
+    # a depthwise one has nothing per input channel there
+    consumer = ctx.weight(w, 1, "consumer") if g == 1 or cin_g > 1 else None
+    _group_ties(ctx, xs, y, g, cin_g, cout // g, consumer)
 
 
 def conv_transpose(ctx: RuleContext) -> None:
@@ -222,8 +228,12 @@ def gemm(ctx: RuleContext) -> None:
     y = ctx.out(ctx.outputs[0], 1)
     ctx.same(y, ctx.weight(b, 0 if tb else 1, "producer"))
     ctx.same(ctx.channels_of(a, 0 if ta else 1), ctx.weight(b, 1 if tb else 0, "consumer"))
-    if c and ctx.is_const(c) and ctx.rank(c) >= 1 and ctx.shape(c)[-1] == y.size > 1:
+    if not c or ctx.rank(c) == 0 or ctx.shape(c)[-1] != y.size or y.size == 1:
+        return  # no C, or C broadcast over the features
+    if ctx.is_const(c):
         ctx.same(y, ctx.weight(c, -1, "bias"))
+    else:  # a computed C is added feature by feature: its channels are the output's
+        ctx.same(y, ctx.channels_of(c, ctx.rank(c) - 1))
 
 
 def matmul(ctx: RuleContext) -> None:
@@ -626,23 +636,30 @@ RULES: dict[str, Rule] = {
     "Hardmax": Rule(softmax),
     "QuantizeLinear": Rule(quantize),
     "DequantizeLinear": Rule(quantize),
-    "Shape": Rule(shape_only),
-    "Size": Rule(shape_only),
-    "Constant": Rule(constant),
-    "ConstantOfShape": Rule(constant),
-    "LRN": Rule(mixing("mixes neighbouring channels (local response normalization)")),
-    "GroupNormalization": Rule(mixing("normalizes groups of channels together")),
-    "DepthToSpace": Rule(mixing("moves channels into space")),
-    "SpaceToDepth": Rule(mixing("moves space into channels")),
-    "Einsum": Rule(mixing("contracts axes given by an equation (channels may mix)")),
+    "Shape": Rule(shape_only, shapeless=True),
+    "Size": Rule(shape_only, shapeless=True),
+    "Constant": Rule(constant, shapeless=True),
+    "ConstantOfShape": Rule(constant, shapeless=True),
+    "LRN": Rule(
+        mixing("mixes neighbouring channels (local response normalization)"), shapeless=True
+    ),
+    "GroupNormalization": Rule(mixing("normalizes groups of channels together"), shapeless=True),
+    "DepthToSpace": Rule(mixing("moves channels into space"), shapeless=True),
+    "SpaceToDepth": Rule(mixing("moves space into channels"), shapeless=True),
+    "Einsum": Rule(
+        mixing("contracts axes given by an equation (channels may mix)"), shapeless=True
+    ),
 }
 """Channel rule per op type of the default ONNX domain."""
 
 
+UNSUPPORTED = Rule(unsupported, shapeless=True)
+
+
 def rule_for(op_type: str, standard: bool) -> Rule:
     if not standard:
-        return Rule(unsupported)
-    return RULES.get(op_type, Rule(unsupported))
+        return UNSUPPORTED
+    return RULES.get(op_type, UNSUPPORTED)
 
 
 def build_channels(graph) -> Channels:  # type: ignore[no-untyped-def]
@@ -652,15 +669,18 @@ def build_channels(graph) -> Channels:  # type: ignore[no-untyped-def]
         ch.why[name] = f"graph input `{name}`"
     for node in graph.nodes:
         ctx = RuleContext(ch, node)
+        rule = rule_for(node.op_type, node.standard)
         used = [t for t in node.outputs if t in graph.consumers or t in graph.outputs]
         unknown = [t for t in node.inputs + used if t and not graph.info(t).known]
-        if unknown:
-            ctx.stop_all(f"shape of `{unknown[0]}` unknown at {ctx.where()}")
+        if unknown and not rule.shapeless:
+            why = ch.why.get(unknown[0])  # e.g. the unsupported op that made the shape unknown
+            reason = f"shape of `{unknown[0]}` unknown at {ctx.where()}"
+            ctx.stop_all(f"{reason} ({why})" if why else reason)
             continue
         if all(graph.is_const(t) for t in node.inputs if t) and node.inputs:
             ctx.no_channels(f"constant computed at {ctx.where()}")
             continue
-        rule_for(node.op_type, node.standard).channels(ctx)
+        rule.channels(ctx)
         ctx.no_channels(ctx.inherit_why())
     for name in graph.outputs:
         a = ch.axis_of.get(name)

@@ -1,0 +1,152 @@
+"""Per-op cost model with MorphNet's conventions: MACs, FLOPs, params, bytes, roofline latency.
+
+- ``macs``: multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (no bias); others are 0.
+- ``flops`` = 2 x ``macs``.
+- ``params``: elements of the op's floating-point constant inputs (weights, biases, norm
+  parameters; shape vectors and indices are not parameters).
+- ``bytes``: what the op reads and writes: computed inputs + outputs + float constant inputs, each
+  at its dtype size (or the device's ``bytes_per_element``), at the graph's batch.
+- latency on a device: ``max(flops / peak_flops, bytes / mem_bandwidth)``.
+
+Costs are a function of tensor shapes only, so the costs of a pruned model can be predicted by
+running the same functions on the shrunk shapes (``shape_of``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from morphonnx.devices import Device
+from morphonnx.graph import Graph, Node, Shape
+
+ShapeOf = Callable[[str], Shape | None]
+
+SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Ops whose multiply-accumulates MorphNet counts."""
+
+
+@dataclass
+class OpCost:
+    """Cost of one node at the graph's batch; ``bytes`` uses each tensor's own dtype size."""
+
+    name: str
+    op_type: str
+    macs: int
+    params: int
+    bytes: int
+    elements: int  # activations read + written + weights, for devices that fix the element size
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def nbytes(self, device: Device) -> int:
+        """Memory traffic on ``device``: dtype-sized, or ``elements x bytes_per_element``."""
+        if device.bytes_per_element is None:
+            return self.bytes
+        return self.elements * device.bytes_per_element
+
+    def latency(self, device: Device) -> float:
+        """Roofline seconds: ``max(flops / peak_flops, nbytes / mem_bandwidth)``."""
+        return device.latency(self.flops, self.nbytes(device))
+
+    def bound(self, device: Device) -> str:
+        """``"compute"`` or ``"memory"``: which side of the roofline sets the latency."""
+        return device.bound(self.flops, self.nbytes(device))
+
+
+@dataclass
+class Totals:
+    """Whole-model sums; each weight counts once in ``params``; ``latency`` is keyed by device."""
+
+    macs: int
+    params: int
+    weight_bytes: int
+    latency: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+def _numel(shape: Shape | None) -> int:
+    if shape is None or any(d < 0 for d in shape):
+        return 0
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def node_macs(node: Node, shape_of: ShapeOf) -> int:
+    """MACs of one node from its shapes (0 for ops that are not Conv/ConvTranspose/Gemm/MatMul)."""
+    if not node.standard or node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
+        return 0
+    a, b = shape_of(node.inputs[0]), shape_of(node.inputs[1])
+    y = shape_of(node.outputs[0])
+    if a is None or b is None or y is None or not a:
+        return 0
+    if node.op_type == "Conv":
+        return _numel(y) * _numel(b[1:])
+    if node.op_type == "ConvTranspose":
+        return _numel(a) * _numel(b[1:])
+    k = a[0] if node.op_type == "Gemm" and node.attr("transA", 0) else a[-1]
+    return _numel(y) * max(k, 0)  # Gemm: M*N*K; MatMul: every output is a K-long dot product
+
+
+def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
+    """Cost of every node in graph order; nodes that only compute constants cost nothing."""
+    shape = shape_of or graph.shape
+    result = []
+    for node in graph.nodes:
+        if all(graph.is_const(t) for t in node.outputs if t):
+            result.append(OpCost(node.name, node.op_type, 0, 0, 0, 0))
+            continue
+        params = elements = nbytes = 0
+        for t in dict.fromkeys(t for t in node.inputs if t):
+            info = graph.info(t)
+            n = _numel(shape(t))
+            if graph.is_const(t):
+                if info.dtype is None or info.dtype.kind != "f":
+                    continue
+                params += n
+            elements += n
+            nbytes += n * info.itemsize
+        for t in node.outputs:
+            if t:
+                n = _numel(shape(t))
+                elements += n
+                nbytes += n * graph.info(t).itemsize
+        macs = node_macs(node, shape)
+        result.append(OpCost(node.name, node.op_type, macs, params, nbytes, elements))
+    return result
+
+
+def weight_tensors(graph: Graph) -> list[str]:
+    """Distinct floating-point constants read by some node (shared weights count once)."""
+    used = dict.fromkeys(t for n in graph.nodes for t in n.inputs if t and graph.is_const(t))
+    return [
+        t
+        for t in used
+        if graph.info(t).dtype is not None and graph.info(t).dtype.kind == "f"  # type: ignore[union-attr]
+        and not all(graph.is_const(o) for n in graph.consumers.get(t, []) for o in n.outputs if o)
+    ]
+
+
+def totals(
+    graph: Graph,
+    costs: list[OpCost],
+    devices: Iterable[Device] = (),
+    shape_of: ShapeOf | None = None,
+) -> Totals:
+    """Sum ``costs`` (from :func:`op_costs`) over the graph, with latency on each device."""
+    shape = shape_of or graph.shape
+    weights = weight_tensors(graph)
+    params = sum(_numel(shape(t)) for t in weights)
+    wbytes = sum(_numel(shape(t)) * graph.info(t).itemsize for t in weights)
+    return Totals(
+        macs=sum(c.macs for c in costs),
+        params=params,
+        weight_bytes=wbytes,
+        latency={d.name: sum(c.latency(d) for c in costs) for d in devices},
+    )

@@ -1,0 +1,124 @@
+"""The files users and adapters exchange: structural fingerprint, group spec, mask, atomic writes.
+
+Field names follow ``shared/contracts.md`` and are documented in ``docs/formats.md``; add fields
+freely, never rename or drop one without bumping the format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from morphonnx.errors import MorphonnxError
+
+SPEC_FORMAT = "morphonnx.spec"
+MASK_FORMAT = "morphonnx.mask"
+VERSION = 1
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A hash of the graph's structure, never of weight values: op types, attributes, tensor
+    names, declared shapes and dtypes, initializer names/shapes/dtypes. A spec made before training
+    therefore matches the export after training, and nothing else."""
+    h = hashlib.sha256()
+
+    def put(*parts: object) -> None:
+        for p in parts:
+            h.update(str(p).encode())
+            h.update(b"\x00")
+
+    def graph(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            put("node", n.domain, n.op_type, *n.input, "->", *n.output)
+            for a in n.attribute:
+                attribute(a)
+        for t in g.initializer:
+            put("init", t.name, t.data_type, *t.dims)
+        for vi in list(g.input) + list(g.output):
+            put("io", vi.name, vi.type.SerializeToString())
+
+    def attribute(a: onnx.AttributeProto) -> None:
+        if a.type == onnx.AttributeProto.TENSOR:
+            put("attr", a.name, a.t.data_type, *a.t.dims)
+        elif a.type == onnx.AttributeProto.GRAPH:
+            put("attr", a.name)
+            graph(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            put("attr", a.name)
+            for g in a.graphs:
+                graph(g)
+        elif a.type == onnx.AttributeProto.TENSORS:
+            put("attr", a.name, *[(t.data_type, tuple(t.dims)) for t in a.tensors])
+        else:
+            put("attr", a.name, onnx.helper.get_attribute_value(a))
+
+    for o in model.opset_import:
+        put("opset", o.domain, o.version)
+    graph(model.graph)
+    return h.hexdigest()[:32]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only if
+    ``write`` succeeds: a failed command never leaves a half-written or clobbered output."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise MorphonnxError(f"{target}: folder {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, Any]:
+    """Read a spec or mask, refusing anything that is not that format's current version."""
+    p = Path(path)
+    if not p.is_file():
+        raise MorphonnxError(f"{p}: file not found")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MorphonnxError(f"{p}: not valid JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        raise MorphonnxError(f"{p}: not a {expected_format} file (format field missing or wrong)")
+    if data.get("version") != VERSION:
+        raise MorphonnxError(f"{p}: unsupported {expected_format} version {data.get('version')!r}")
+    return data
+
+
+def read_mask(path: str | os.PathLike[str]) -> tuple[str, dict[str, list[bool]]]:
+    """A mask file's fingerprint and groups, with the shape of each entry checked."""
+    data = read_json(path, MASK_FORMAT)
+    fp, groups = data.get("model_fingerprint"), data.get("groups")
+    if not isinstance(fp, str) or not isinstance(groups, dict):
+        raise MorphonnxError(f"{path}: mask needs 'model_fingerprint' and a 'groups' object")
+    for gid, keep in groups.items():
+        if not isinstance(keep, list) or not all(isinstance(k, bool) for k in keep):
+            raise MorphonnxError(f"{path}: group '{gid}' must be a list of true/false")
+    return fp, groups
+
+
+def mask_document(fp: str, groups: dict[str, list[bool]], **extra: Any) -> dict[str, Any]:
+    return {
+        "format": MASK_FORMAT,
+        "version": VERSION,
+        "model_fingerprint": fp,
+        "groups": groups,
+        **extra,
+    }

@@ -1,0 +1,123 @@
+"""From trained weights to a mask: regularization vectors, threshold, alive/dead per channel.
+
+A threshold that would empty a whole group keeps that group's strongest channel instead (a layer
+with no channels is not a smaller network but a broken one); the groups this happened to are
+reported, so a user can see the threshold was too high for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from morphonnx.analysis import Analysis
+from morphonnx.errors import MorphonnxError
+from morphonnx.formats import MASK_FORMAT, VERSION, read_mask
+from morphonnx.regularize import NUMPY, group_vector
+
+
+@dataclass
+class MaskResult:
+    threshold: float
+    keep: dict[str, list[bool]]
+    values: dict[str, np.ndarray]
+    rescued: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def document(self, fp: str, kind: str) -> dict[str, Any]:
+        return {
+            "format": MASK_FORMAT,
+            "version": VERSION,
+            "model_fingerprint": fp,
+            "groups": self.keep,
+            "threshold": self.threshold,
+            "kind": kind,
+            "rescued": self.rescued,
+        }
+
+
+def group_values(
+    a: Analysis, spec: dict[str, Any], kind: str = "gamma", l1_fraction: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Regularization vector of every prunable group, read from the model's own weights."""
+    values: dict[str, np.ndarray] = {}
+    for g in spec["groups"]:
+        if not g["prunable"]:
+            continue
+        reg = g["regularize"]
+        names = {s["tensor"] for s in reg["gammas"] + reg["weights"]}
+        missing = [n for n in names if not a.graph.is_const(n)]
+        if missing:
+            raise MorphonnxError(
+                f"{a.graph.path}: spec tensor '{missing[0]}' of group {g['id']} is not a weight "
+                "of this model"
+            )
+        tensors = {n: a.graph.value(n).astype(np.float64) for n in names}
+        vec = group_vector(NUMPY, g, tensors, kind, l1_fraction)
+        if vec is not None:
+            values[g["id"]] = np.asarray(vec)
+    return values
+
+
+def auto_threshold(values: dict[str, np.ndarray]) -> tuple[float, str]:
+    """The threshold in the widest gap of the log-scaled values (MorphNet's bimodal picture).
+
+    With no gap of at least half a decade the distribution is not bimodal (training has not
+    separated dead from alive channels): the threshold then keeps everything, and says so.
+    """
+    allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()])) if values else []
+    if len(allv) < 2:
+        return 0.0, "too few channels to pick a threshold; keeping all"
+    logs = np.log10(np.maximum(allv, 1e-12))
+    gaps = np.diff(logs)
+    i = int(np.argmax(gaps))
+    if gaps[i] < 0.5:
+        return float(allv[0]) * 0.5, (
+            f"no gap of half a decade in the values (widest {gaps[i]:.2f} decades); keeping all"
+        )
+    t = float(10 ** ((logs[i] + logs[i + 1]) / 2))
+    return t, (
+        f"threshold {t:.3g} in the widest gap ({allv[i]:.3g} .. {allv[i + 1]:.3g}, "
+        f"{gaps[i]:.2f} decades): {i + 1} of {len(allv)} channels below"
+    )
+
+
+def make_mask(values: dict[str, np.ndarray], threshold: float) -> MaskResult:
+    keep: dict[str, list[bool]] = {}
+    rescued: list[str] = []
+    for gid, vec in values.items():
+        alive = vec > threshold
+        if not alive.any():
+            alive[int(np.argmax(vec))] = True
+            rescued.append(gid)
+        keep[gid] = alive.tolist()
+    return MaskResult(threshold, keep, values, rescued)
+
+
+def check_mask(a: Analysis, path: str, fp: str, groups: dict[str, list[bool]]) -> None:
+    """Refuse a mask that does not fit this model, naming the first problem."""
+    if fp != a.fingerprint:
+        raise MorphonnxError(
+            f"{path}: mask was made for another model (fingerprint {fp} != {a.fingerprint})"
+        )
+    known = {g.id: g for g in a.solution.groups}
+    for gid, keep in groups.items():
+        g = known.get(gid)
+        if g is None:
+            raise MorphonnxError(f"{path}: unknown group '{gid}'")
+        if not g.prunable:
+            raise MorphonnxError(f"{path}: group '{gid}' is not prunable ({g.reason})")
+        if len(keep) != g.channels:
+            raise MorphonnxError(
+                f"{path}: group '{gid}' has {g.channels} channels, the mask lists {len(keep)}"
+            )
+        if not any(keep):
+            raise MorphonnxError(f"{path}: group '{gid}' keeps no channel")
+
+
+def load_mask(a: Analysis, path: str) -> dict[str, list[bool]]:
+    fp, groups = read_mask(path)
+    check_mask(a, path, fp, groups)
+    return groups

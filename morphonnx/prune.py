@@ -1,0 +1,325 @@
+"""The rewrite from a mask: slice every member, fix what the shapes need, save atomically.
+
+Members are sliced along their axes (a weight may lose filters on axis 0 and inputs on axis 1);
+weights held in ``Constant`` / ``ConstantOfShape`` / folded nodes become plain initializers. The
+per-op bookkeeping (``group`` of depthwise convs, Reshape targets, Split sizes, Slice bounds, Resize
+sizes, Expand shapes) is done by the rewrite each rule names in ``morphonnx.rules.RULES``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
+
+from morphonnx.analysis import Analysis
+from morphonnx.costs import ShapeOf
+from morphonnx.errors import MorphonnxError
+from morphonnx.formats import atomic_write
+from morphonnx.graph import Node
+from morphonnx.rules import rule_for
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+"""Above this many weight bytes the pruned model is saved with external data (protobuf's 2 GB)."""
+
+
+@dataclass
+class RewriteContext:
+    """One node of the model being rewritten, with old and new tensor shapes."""
+
+    node: Node
+    proto: onnx.NodeProto
+    model: onnx.ModelProto
+    analysis: Analysis
+    new_shape: ShapeOf
+    kept: Callable[[str], np.ndarray | None]
+
+    def old_shape(self, tensor: str) -> tuple[int, ...]:
+        s = self.analysis.graph.shape(tensor)
+        assert s is not None
+        return s
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        s = self.new_shape(tensor)
+        assert s is not None
+        return s
+
+    def changed(self, tensor: str) -> bool:
+        return self.shape(tensor) != self.old_shape(tensor)
+
+    def const_input(self, i: int) -> np.ndarray | None:
+        if i >= len(self.proto.input) or not self.proto.input[i]:
+            return None
+        return self.analysis.graph.small_value(self.proto.input[i])
+
+    def set_const_input(self, i: int, value: np.ndarray) -> None:
+        """Point input ``i`` at a new initializer (the old constant may be shared)."""
+        name = f"{self.node.name}__pruned_in{i}"
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+        while len(self.proto.input) <= i:
+            self.proto.input.append("")
+        self.proto.input[i] = name
+
+    def set_attr(self, name: str, value: Any) -> None:
+        for k, a in enumerate(self.proto.attribute):
+            if a.name == name:
+                del self.proto.attribute[k]
+                break
+        self.proto.attribute.append(helper.make_attribute(name, value))
+
+
+def _conv_group(ctx: RewriteContext) -> None:
+    """A depthwise conv has one group per input channel: ``group`` follows the input width."""
+    g = int(ctx.node.attr("group", 1))
+    x, w = ctx.node.inputs[0], ctx.node.inputs[1]
+    cin = ctx.old_shape(x)[1]
+    per_group = ctx.old_shape(w)[0] // g if ctx.node.op_type == "ConvTranspose" else ctx.old_shape(w)[1]
+    if g > 1 and per_group == 1 and g == cin and ctx.changed(x):
+        ctx.set_attr("group", ctx.shape(x)[1])
+
+
+def _reshape_target(ctx: RewriteContext) -> None:
+    out = ctx.node.outputs[0]
+    if not ctx.changed(out):
+        return
+    if "shape" in ctx.node.attrs:  # opset < 5
+        target = np.array(ctx.node.attr("shape"), dtype=np.int64)
+    else:
+        value = ctx.const_input(1)
+        if value is None:
+            return  # computed at run time from Shape ops, follows the pruned shapes by itself
+        target = value.astype(np.int64).copy()
+    new = ctx.shape(out)
+    for i, (old_d, new_d) in enumerate(zip(ctx.old_shape(out), new, strict=True)):
+        if old_d != new_d and target[i] not in (-1, 0):
+            target[i] = new_d
+    if "shape" in ctx.node.attrs:
+        ctx.set_attr("shape", target.tolist())
+    else:
+        ctx.set_const_input(1, target)
+
+
+def _split_sizes(ctx: RewriteContext) -> None:
+    x = ctx.node.inputs[0]
+    if not ctx.changed(x):
+        return
+    axis = int(ctx.node.attr("axis", 0)) % len(ctx.old_shape(x))
+    sizes = np.array([ctx.shape(t)[axis] for t in ctx.node.outputs], dtype=np.int64)
+    if ctx.analysis.graph.opset < 13:
+        ctx.set_attr("split", sizes.tolist())
+    else:
+        for k, a in enumerate(ctx.proto.attribute):
+            if a.name == "num_outputs":
+                del ctx.proto.attribute[k]
+                break
+        ctx.set_const_input(1, sizes)
+
+
+def _slice_bounds(ctx: RewriteContext) -> None:
+    x, y = ctx.node.inputs[0], ctx.node.outputs[0]
+    kept = ctx.kept(x)
+    if kept is None or not ctx.changed(x):
+        return
+    rank = len(ctx.old_shape(x))
+    axis = ctx.analysis.solution.channels.axis_of[x]
+    attr_form = "starts" in ctx.node.attrs
+    starts = list(ctx.node.attr("starts")) if attr_form else ctx.const_input(1).tolist()  # type: ignore[union-attr]
+    ends = list(ctx.node.attr("ends")) if attr_form else ctx.const_input(2).tolist()  # type: ignore[union-attr]
+    raw_axes = ctx.node.attr("axes") if attr_form else ctx.const_input(3)
+    axes = [int(v) % rank for v in (list(raw_axes) if raw_axes is not None else range(len(starts)))]
+    if axis not in axes:
+        return
+    k = axes.index(axis)
+    n_in = ctx.old_shape(x)[axis]
+    start = starts[k] + n_in if starts[k] < 0 else starts[k]
+    start = max(0, min(n_in, start))
+    new_start = int(np.searchsorted(kept, start))
+    starts[k] = new_start
+    ends[k] = new_start + ctx.shape(y)[axis]
+    if attr_form:
+        ctx.set_attr("starts", starts)
+        ctx.set_attr("ends", ends)
+    else:
+        ctx.set_const_input(1, np.array(starts, dtype=np.int64))
+        ctx.set_const_input(2, np.array(ends, dtype=np.int64))
+
+
+def _resize_sizes(ctx: RewriteContext) -> None:
+    out = ctx.node.outputs[0]
+    if ctx.changed(out) and ctx.const_input(3) is not None:
+        ctx.set_const_input(3, np.array(ctx.shape(out), dtype=np.int64))
+
+
+def _expand_shape(ctx: RewriteContext) -> None:
+    out = ctx.node.outputs[0]
+    value = ctx.const_input(1)
+    if not ctx.changed(out) or value is None:
+        return
+    target = value.astype(np.int64).copy()
+    old, new = ctx.old_shape(out), ctx.shape(out)
+    offset = len(old) - len(target)
+    for i in range(len(target)):
+        if old[i + offset] != new[i + offset] and target[i] == old[i + offset]:
+            target[i] = new[i + offset]
+    ctx.set_const_input(1, target)
+
+
+REWRITES: dict[str, Callable[[RewriteContext], None]] = {
+    "conv_group": _conv_group,
+    "reshape_target": _reshape_target,
+    "split_sizes": _split_sizes,
+    "slice_bounds": _slice_bounds,
+    "resize_sizes": _resize_sizes,
+    "expand_shape": _expand_shape,
+}
+
+
+def sliced_constants(
+    a: Analysis, dead: np.ndarray, transform: Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx)``."""
+    sol = a.solution
+    per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for slot in sol.channels.slots:
+        if not slot.const:
+            continue
+        dead_idx = np.flatnonzero(dead[sol.slot_labels(slot)])
+        if len(dead_idx):
+            per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
+    result = {}
+    for name, cuts in per_tensor.items():
+        value = a.graph.value(name)
+        for axis, dead_idx in cuts:
+            value = transform(value, axis, dead_idx)
+        result[name] = value
+    return result
+
+
+def replace_constants(model: onnx.ModelProto, a: Analysis, values: Mapping[str, np.ndarray]) -> None:
+    """Write new constant values into ``model``: initializers in place, others as initializers
+    replacing the node that made them."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = set()
+    for name, value in values.items():
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        if name in inits:
+            inits[name].CopyFrom(tensor)
+        else:
+            model.graph.initializer.append(tensor)
+            producers.add(name)
+    if producers:
+        keep = [n for n in model.graph.node if not (set(n.output) & producers)]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    drop_unused(model)
+
+
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers (and their IR-3 input declarations) that nothing reads any more."""
+    g = model.graph
+    used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+    for n in g.node:
+        for attr in n.attribute:
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                used.update(_subgraph_names(attr))
+    inits = [t for t in g.initializer if t.name in used]
+    removed = {t.name for t in g.initializer} - {t.name for t in inits}
+    if removed:
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        inputs = [i for i in g.input if i.name not in removed]
+        del g.input[:]
+        g.input.extend(inputs)
+
+
+def _subgraph_names(attr: onnx.AttributeProto) -> set[str]:
+    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    names: set[str] = set()
+    for sg in graphs:
+        for n in sg.node:
+            names.update(n.input)
+    return names
+
+
+def sync_ir3_inputs(model: onnx.ModelProto) -> None:
+    """IR 3 lists every initializer as a graph input: keep those declarations in step."""
+    if model.ir_version >= 4:
+        return
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in model.graph.input:
+        t = inits.pop(vi.name, None)
+        if t is not None:
+            vi.CopyFrom(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for t in inits.values():
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
+    """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
+    sol = a.solution
+    dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
+    if not dead.any():
+        return a.graph.model
+    new_shape = a.shrunk_shapes(keep)
+    values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
+
+    def kept(tensor: str) -> np.ndarray | None:
+        axis = sol.channels.axis_of.get(tensor)
+        if axis is None:
+            return None
+        return sol.kept(sol.channels.by_key[(tensor, axis)], dead)
+
+    model = a.graph.model
+    protos = list(model.graph.node)
+    for node in a.graph.nodes:
+        rewrite = rule_for(node.op_type, node.standard).rewrite
+        if rewrite is not None:
+            REWRITES[rewrite](RewriteContext(node, protos[node.index], model, a, new_shape, kept))
+    for node, proto in zip(sorted(a.graph.nodes, key=lambda n: n.index), protos, strict=True):
+        if not proto.name:
+            proto.name = node.name
+    replace_constants(model, a, values)
+    changed = {s.tensor for s in sol.channels.slots if not s.const}
+    vis = [v for v in model.graph.value_info if v.name not in changed]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vis)
+    sync_ir3_inputs(model)
+    return model
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], source: Path) -> None:
+    """Save atomically, never over the input; big models get external data beside the output."""
+    target = Path(out)
+    if target.exists() and target.resolve() == source.resolve():
+        raise MorphonnxError(f"{target}: refusing to overwrite the input model")
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD or any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        load_external_data_for_model(model, str(source.parent))
+
+    def write(tmp: Path) -> None:
+        if external:
+            data = target.with_name(target.name + ".data")
+            data.unlink(missing_ok=True)
+            onnx.save_model(
+                model,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data.name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(tmp))
+
+    atomic_write(target, write)

@@ -1,0 +1,189 @@
+"""MorphNet's regularization vectors, cost and loss, written once for every framework.
+
+The functions take the group spec, the tensors it names (numpy arrays, torch tensors, ...) and a
+tiny :class:`ArrayOps` of the few array functions whose spelling differs between frameworks. The
+core uses :data:`NUMPY` (``morphonnx mask``); adapters pass their own, so the formulas below are the
+only copy. Formulas (anchors.md): with ``A`` the alive count of a side (no gradient) and ``R`` the sum
+of its regularization vector, a ``pair`` op costs ``coeff * A_in * A_out`` with loss
+``coeff * (A_in * R_out + A_out * R_in)``; a ``depthwise`` op costs ``coeff * A_out`` with loss
+``coeff * (R_in + R_out)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from morphonnx.devices import Device
+
+KINDS = ("gamma", "group_lasso")
+COSTS = ("flops", "size", "latency")
+
+
+@dataclass(frozen=True)
+class ArrayOps:
+    """The array functions whose names differ between numpy and deep-learning frameworks."""
+
+    rows: Callable[[Any, int], Any]  # move ``axis`` first and flatten the rest: (size, -1)
+    take: Callable[[Any, Any], Any]  # rows of a 2-D array at an index array, as (n, k, -1)
+    amax: Callable[[Any, int], Any]  # max over one axis
+    maximum: Callable[[Any, Any], Any]  # element-wise max
+    count: Callable[[Any], float]  # number of true entries, as a plain float (no gradient)
+
+
+NUMPY = ArrayOps(
+    rows=lambda x, axis: np.moveaxis(np.asarray(x), axis, 0).reshape(np.shape(x)[axis], -1),
+    take=lambda x, idx: x[idx],
+    amax=lambda x, axis: x.max(axis=axis),
+    maximum=np.maximum,
+    count=lambda x: float(np.sum(x)),
+)
+
+
+def positions_index(positions: list[list[int]]) -> np.ndarray:
+    """Positions as a rectangular index array (channels x slices), padding ragged rows by repeating
+    their first slice (max over a repeat changes nothing)."""
+    width = max(len(p) for p in positions)
+    return np.array([p + [p[0]] * (width - len(p)) for p in positions], dtype=np.int64)
+
+
+def group_vector(
+    ops: ArrayOps,
+    group: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    kind: str = "gamma",
+    l1_fraction: float = 0.0,
+) -> Any | None:
+    """A group's regularization vector (one value per channel), or None without sources.
+
+    ``gamma``: |batch-norm scale|; groups without a gamma fall back to group LASSO. ``group_lasso``:
+    per output filter ``(1 - l1_fraction) * sqrt(mean(w^2)) + l1_fraction * mean(|w|)``. Several
+    sources (residual adds, tied convs) combine by element-wise max, as in MorphNet.
+    """
+    reg = group["regularize"]
+    sources: list[Any] = []
+    if kind == "gamma":
+        for g in reg["gammas"]:
+            rows = ops.rows(tensors[g["tensor"]], g["axis"])
+            sources.append(ops.amax(abs(ops.take(rows, positions_index(g["positions"]))), 2))
+    if not sources:
+        for w in reg["weights"]:
+            rows = ops.rows(tensors[w["tensor"]], w["axis"])
+            picked = ops.take(rows, positions_index(w["positions"]))
+            norm = (picked * picked).mean(2) ** 0.5
+            if l1_fraction:
+                norm = (1 - l1_fraction) * norm + l1_fraction * abs(picked).mean(2)
+            sources.append(norm)
+    if not sources:
+        return None
+    vec = ops.amax(sources[0], 1)
+    for s in sources[1:]:
+        vec = ops.maximum(vec, ops.amax(s, 1))
+    return vec
+
+
+def source_tensors(spec: Mapping[str, Any], kind: str) -> list[str]:
+    """Every tensor ``group_vector`` reads for the prunable groups of ``spec``."""
+    names: list[str] = []
+    for g in spec["groups"]:
+        if not g["prunable"]:
+            continue
+        reg = g["regularize"]
+        chosen = reg["gammas"] if kind == "gamma" and reg["gammas"] else reg["weights"]
+        names.extend(s["tensor"] for s in chosen if s["tensor"] not in names)
+    return names
+
+
+def select_groups(
+    spec: Mapping[str, Any], exclude: Iterable[str] = ()
+) -> list[Mapping[str, Any]]:
+    """Prunable groups, less those whose id matches one of the ``exclude`` regexes."""
+    patterns = [re.compile(p) for p in exclude]
+    return [
+        g
+        for g in spec["groups"]
+        if g["prunable"] and not any(p.fullmatch(g["id"]) for p in patterns)
+    ]
+
+
+@dataclass
+class Side:
+    alive: Any  # A: float, no gradient
+    reg: Any  # R: differentiable sum of the side's regularization vectors
+
+
+def _side(ops: ArrayOps, side: Mapping[str, Any], vectors: Mapping[str, Any], threshold: float, channels: Mapping[str, int]) -> Side:
+    alive: Any = float(side["static"])
+    reg: Any = 0.0
+    for entry in side["groups"]:
+        gid, k = entry["group"], entry["per_channel"]
+        vec = vectors.get(gid)
+        if vec is None:
+            alive = alive + k * channels[gid]
+            continue
+        alive = alive + k * ops.count(vec > threshold)
+        reg = reg + k * vec.sum()
+    return Side(alive, reg)
+
+
+def cost_and_loss(
+    ops: ArrayOps,
+    spec: Mapping[str, Any],
+    vectors: Mapping[str, Any],
+    *,
+    cost: str = "flops",
+    threshold: float = 0.0,
+    device: Device | None = None,
+) -> tuple[float, Any]:
+    """MorphNet's cost (of the currently alive structure) and its differentiable loss.
+
+    ``vectors`` maps group id to its regularization vector; groups missing from it count with all
+    their channels alive and no gradient. ``cost``: flops, size (weights) or latency (roofline on
+    ``device``; per op the compute or memory branch, whichever is larger at the current counts).
+    """
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}")
+    if cost == "latency" and device is None:
+        raise ValueError("the latency cost needs a device")
+    channels = {g["id"]: g["channels"] for g in spec["groups"]}
+    total_cost = 0.0
+    total_loss: Any = 0.0
+    for t in spec["costs"]:
+        i = _side(ops, t["inputs"], vectors, threshold, channels)
+        o = _side(ops, t["outputs"], vectors, threshold, channels)
+        dw = t["kind"] == "depthwise"
+        pair_cost = o.alive if dw else i.alive * o.alive
+        pair_loss = (i.reg + o.reg) if dw else (i.alive * o.reg + o.alive * i.reg)
+        if cost == "flops":
+            total_cost += t["flop_coeff"] * pair_cost
+            total_loss = total_loss + t["flop_coeff"] * pair_loss
+        elif cost == "size":
+            total_cost += t["size_coeff"] * pair_cost
+            total_loss = total_loss + t["size_coeff"] * pair_loss
+        else:
+            assert device is not None
+            size = device.bytes_per_element or t["dtype_bytes"]
+            flops = t["flop_coeff"] * pair_cost
+            nbytes = size * (
+                t["in_elems"] * i.alive
+                + t["out_elems"] * o.alive
+                + t["size_coeff"] * pair_cost
+                + t["bias_elems"] * o.alive
+            )
+            if flops / device.peak_flops >= nbytes / device.mem_bandwidth:
+                total_cost += flops / device.peak_flops
+                total_loss = total_loss + t["flop_coeff"] * pair_loss / device.peak_flops
+            else:
+                total_cost += nbytes / device.mem_bandwidth
+                mem_loss = size * (
+                    t["in_elems"] * i.reg
+                    + t["out_elems"] * o.reg
+                    + t["size_coeff"] * pair_loss
+                    + t["bias_elems"] * o.reg
+                )
+                total_loss = total_loss + mem_loss / device.mem_bandwidth
+    return float(total_cost), total_loss

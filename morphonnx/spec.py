@@ -1,0 +1,160 @@
+"""The group spec: everything a training adapter needs, without reading the ONNX file.
+
+Per group: members (every constant with a slice per channel), regularization targets (batch-norm
+gammas; producing weights with the axis a group-LASSO norm keeps) and, per cost-bearing op, which
+groups feed its input and output side and with what coefficients, so MorphNet's FLOP, size and
+latency costs and losses can be evaluated from alive counts alone (``morphonnx.regularize``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from morphonnx.analysis import Analysis
+from morphonnx.channels import Slot
+from morphonnx.costs import node_macs
+from morphonnx.errors import MorphonnxError
+from morphonnx.formats import SPEC_FORMAT, VERSION, read_json
+from morphonnx.graph import Node
+
+
+def _side(a: Analysis, slot: Slot | None, width: int, gid_of: dict[int, str]) -> dict[str, Any]:
+    """Which prunable groups make up one side (input or output channels) of an op."""
+    if slot is None:
+        return {"groups": [], "static": width}
+    labels = a.solution.slot_labels(slot)
+    counts: dict[str, int] = {}
+    static = 0
+    for lab in labels.tolist():
+        gid = gid_of.get(lab)
+        if gid is None:
+            static += 1
+        else:
+            counts[gid] = counts.get(gid, 0) + 1
+    groups = []
+    for gid, n in counts.items():
+        channels = a.solution.group(gid).channels
+        groups.append({"group": gid, "per_channel": n // channels})
+    return {"groups": groups, "static": static}
+
+
+def _sides(a: Analysis, node: Node) -> tuple[str, int, str, int] | None:
+    """(input tensor, its channel axis, output tensor, its channel axis) of a cost-bearing op."""
+    g = a.graph
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    if not g.is_const(w) or g.is_const(x):
+        return None
+    xs, ys = g.shape(x), g.shape(y)
+    if xs is None or ys is None:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return x, 1, y, 1
+    if node.op_type == "Gemm":
+        return x, 0 if node.attr("transA", 0) else 1, y, 1
+    return x, len(xs) - 1, y, len(ys) - 1
+
+
+def cost_terms(a: Analysis) -> list[dict[str, Any]]:
+    """MorphNet cost terms of every Conv/ConvTranspose/Gemm/MatMul with a constant weight.
+
+    ``pair`` ops cost ``coeff * A_in * A_out``; ``depthwise`` ops cost ``coeff * A_out``, where
+    ``A`` of a side is ``static + sum(per_channel * alive(group))``. Coefficients include the batch.
+    """
+    gid_of = {
+        int(lab): g.id for g in a.solution.groups if g.prunable for lab in g.labels.tolist()
+    }
+    by_key = a.solution.channels.by_key
+    terms = []
+    for node in a.graph.nodes:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not node.standard:
+            continue
+        sides = _sides(a, node)
+        if sides is None:
+            continue
+        x, ax, y, ay = sides
+        g = a.graph
+        cin, cout = (g.shape(x) or ())[ax], (g.shape(y) or ())[ay]
+        w_shape = g.shape(node.inputs[1]) or ()
+        w_elems = int(np.prod(w_shape))
+        groups = int(node.attr("group", 1))
+        per_group_in = w_shape[0] // groups if node.op_type == "ConvTranspose" else w_shape[1]
+        depthwise = node.op_type in ("Conv", "ConvTranspose") and groups > 1 and per_group_in == 1
+        macs = node_macs(node, g.shape)
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+        bias_elems = int(np.prod(g.shape(bias) or ())) if bias and g.is_const(bias) else 0
+        x_elems = int(np.prod(g.shape(x) or ()))
+        y_elems = int(np.prod(g.shape(y) or ()))
+        terms.append(
+            {
+                "op": node.name,
+                "op_type": node.op_type,
+                "kind": "depthwise" if depthwise else "pair",
+                "inputs": _side(a, by_key.get((x, ax)), cin, gid_of),
+                "outputs": _side(a, by_key.get((y, ay)), cout, gid_of),
+                "flop_coeff": 2 * macs / (cout if depthwise else cin * cout),
+                "size_coeff": w_elems / (cout if depthwise else cin * cout),
+                "in_elems": x_elems / cin,
+                "out_elems": y_elems / cout,
+                "bias_elems": bias_elems / cout,
+                "dtype_bytes": g.info(x).itemsize,
+            }
+        )
+    return terms
+
+
+def build_spec(a: Analysis) -> dict[str, Any]:
+    groups = []
+    for g in a.solution.groups:
+        members = [
+            {"tensor": m.tensor, "axis": m.axis, "role": m.role, "positions": m.positions}
+            for m in g.members
+        ]
+        groups.append(
+            {
+                "id": g.id,
+                "channels": g.channels,
+                "prunable": g.prunable,
+                "reason": g.reason,
+                "members": members,
+                "regularize": {
+                    "gammas": [
+                        {"tensor": m.tensor, "axis": m.axis, "positions": m.positions}
+                        for m in g.members
+                        if m.role == "gamma"
+                    ],
+                    "weights": [
+                        {"tensor": m.tensor, "axis": m.axis, "positions": m.positions}
+                        for m in g.members
+                        if m.role == "producer"
+                    ],
+                },
+            }
+        )
+    return {
+        "format": SPEC_FORMAT,
+        "version": VERSION,
+        "model": {
+            "fingerprint": a.fingerprint,
+            "path": str(a.graph.path),
+            "inputs": {n: list(a.graph.shape(n) or ()) for n in a.graph.inputs},
+        },
+        "totals": {"macs": a.totals.macs, "flops": a.totals.flops, "params": a.totals.params},
+        "groups": groups,
+        "costs": cost_terms(a),
+    }
+
+
+def read_spec(path: str | os.PathLike[str], fp: str | None = None) -> dict[str, Any]:
+    """Read a spec; with ``fp``, refuse one made for another model."""
+    spec = read_json(path, SPEC_FORMAT)
+    if not isinstance(spec.get("groups"), list) or not isinstance(spec.get("model"), dict):
+        raise MorphonnxError(f"{path}: spec needs 'model' and 'groups'")
+    if fp is not None and spec["model"].get("fingerprint") != fp:
+        raise MorphonnxError(
+            f"{path}: spec was made for another model (fingerprint "
+            f"{spec['model'].get('fingerprint')} != {fp})"
+        )
+    return spec

@@ -1,0 +1,164 @@
+"""Proof that a pruned model is the original with its dead channels removed, layer by layer.
+
+The reference is the original model with every member slice of every dead channel set to zero.
+Both run in onnxruntime on the same random inputs with every intermediate tensor exposed; each
+tensor both compute must agree, on the kept channels where it shrank. Checking only the outputs is
+not enough: in a deep untrained network a wrongly sliced group can move the outputs by 1e-6 while
+an intermediate tensor is off by half.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from morphonnx.analysis import Analysis
+from morphonnx.prune import replace_constants, sliced_constants, sync_ir3_inputs
+
+RTOL = 1e-4
+"""Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
+
+
+@dataclass
+class Verification:
+    tensors: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    worst: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def zeroed_original(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
+    """The original model with every member slice of every dead channel set to zero."""
+    dead = a.solution.dead_labels({k: list(v) for k, v in keep.items()})
+
+    def zero(value: np.ndarray, axis: int, idx: np.ndarray) -> np.ndarray:
+        value = value.copy()
+        index: list[slice | np.ndarray] = [slice(None)] * value.ndim
+        index[axis] = idx
+        value[tuple(index)] = 0
+        return value
+
+    values = sliced_constants(a, dead, zero)
+    model = onnx.load(str(a.graph.path))
+    replace_constants(model, a, values)
+    sync_ir3_inputs(model)
+    return model
+
+
+def random_feeds(a: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name in a.graph.inputs:
+        info = a.graph.info(name)
+        shape = info.shape or ()
+        dtype = info.dtype if info.dtype is not None else np.dtype(np.float32)
+        if dtype.kind == "f":
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def shape_computations(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from tensor shapes (Shape, Size and what follows only from them): they
+    legitimately change when channels are removed and are not compared."""
+    consts = {t.name for t in model.graph.initializer}
+    derived: set[str] = set()
+    for n in model.graph.node:
+        if n.op_type in ("Shape", "Size"):
+            derived.update(n.output)
+        elif n.op_type == "Constant":
+            consts.update(n.output)
+        elif n.input and all(t in derived or t in consts or not t for t in n.input):
+            if any(t in derived for t in n.input):
+                derived.update(n.output)
+    return derived
+
+
+def run_all(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], folder: Path, name: str) -> dict[str, np.ndarray]:
+    """Run ``model`` with every node output exposed (graph optimizations off, so every tensor is
+    the one the graph names)."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    used = {t for n in m.graph.node for t in n.input}
+    for n in m.graph.node:
+        for t in n.output:
+            if t and t not in have and t in used:
+                m.graph.output.append(helper.ValueInfoProto(name=t))
+                have.add(t)
+    path = folder / f"{name}.onnx"
+    size = sum(len(t.raw_data) for t in m.graph.initializer)
+    onnx.save_model(m, str(path), save_as_external_data=size > 1_800_000_000, location=f"{name}.data")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+
+def compare(
+    a: Analysis,
+    keep: Mapping[str, Sequence[bool]],
+    ref: Mapping[str, np.ndarray],
+    got: Mapping[str, np.ndarray],
+    skip: set[str],
+) -> Verification:
+    sol = a.solution
+    dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
+    result = Verification()
+    for name, r in ref.items():
+        if name not in got or name in skip:
+            continue
+        g = got[name]
+        axis = sol.channels.axis_of.get(name)
+        if axis is not None and r.shape != g.shape:
+            r = np.take(r, sol.kept(sol.channels.by_key[(name, axis)], dead), axis=axis)
+        if r.shape != g.shape:
+            result.failures.append(f"`{name}`: shape {g.shape}, expected {r.shape}")
+            continue
+        result.tensors += 1
+        if r.dtype.kind != "f":
+            if not np.array_equal(r, g):
+                result.failures.append(f"`{name}`: values differ")
+            continue
+        if r.size == 0:
+            continue
+        r64, g64 = np.nan_to_num(r.astype(np.float64)), np.nan_to_num(g.astype(np.float64))
+        err = float(np.max(np.abs(r64 - g64)))
+        scale = float(np.max(np.abs(r64)))
+        rel = err / scale if scale > 0 else err
+        if err > result.max_abs:
+            result.max_abs = err
+        if rel > result.max_rel:
+            result.max_rel, result.worst = rel, name
+        if err > RTOL * scale + 1e-7:
+            result.failures.append(f"`{name}`: off by {err:.3g} (relative {rel:.3g})")
+    return result
+
+
+def verify(
+    a: Analysis, keep: Mapping[str, Sequence[bool]], pruned: onnx.ModelProto, seed: int = 0
+) -> Verification:
+    """Compare ``pruned`` with the zeroed original on random inputs, every tensor."""
+    reference = zeroed_original(a, keep)
+    feeds = random_feeds(a, seed)
+    with tempfile.TemporaryDirectory(prefix="morphonnx-verify-") as tmp:
+        folder = Path(tmp)
+        ref = run_all(reference, feeds, folder, "reference")
+        got = run_all(pruned, feeds, folder, "pruned")
+    return compare(a, keep, ref, got, shape_computations(reference))
