@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
 from morphonnx.analysis import Analysis
-from morphonnx.costs import ShapeOf
+from morphonnx.costs import SOURCE_OPS, ShapeOf
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import atomic_write
 from morphonnx.graph import Node
@@ -323,3 +323,43 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], source: Path
             onnx.save_model(model, str(tmp))
 
     atomic_write(target, write)
+
+
+def check_pruned(path: Path, shown: str) -> None:
+    """``onnx.checker`` with strict shape inference (where every op has a schema)."""
+    model = onnx.load(str(path), load_external_data=False)
+    full = all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    try:
+        onnx.checker.check_model(str(path), full_check=full)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise MorphonnxError(f"{shown}: pruned model fails onnx.checker ({msg}); nothing written") from None
+
+
+def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]:
+    """The learned structure: input/output channels of every weighted layer, before and after
+    (MorphNet's structure exporter, with fully-connected and depthwise layers included)."""
+    new_shape = a.shrunk_shapes(keep)
+    layers = []
+    for node in a.graph.nodes:
+        if node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
+            continue
+        x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if not a.graph.is_const(w):
+            continue
+        axis_in = a.solution.channels.axis_of.get(x, 1)
+        axis_out = a.solution.channels.axis_of.get(y, 1)
+        old_x, old_y = a.graph.shape(x) or (), a.graph.shape(y) or ()
+        new_x, new_y = new_shape(x) or (), new_shape(y) or ()
+        layers.append(
+            {
+                "node": node.name,
+                "op_type": node.op_type,
+                "weight": w,
+                "depthwise": int(node.attr("group", 1)) > 1
+                and int(node.attr("group", 1)) == (old_x[1] if len(old_x) > 1 else 0),
+                "in_channels": [old_x[axis_in], new_x[axis_in]] if old_x else None,
+                "out_channels": [old_y[axis_out], new_y[axis_out]] if old_y else None,
+            }
+        )
+    return {"format": "morphonnx.structure", "version": 1, "model": str(a.graph.path), "layers": layers}

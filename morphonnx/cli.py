@@ -1,0 +1,251 @@
+"""The ``morphonnx`` command: parse arguments, call the core, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from morphonnx.errors import MorphonnxError
+
+DEFAULT_DEVICES = ["V100"]
+
+
+def _input_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (integers), got '{text}'")
+    return name, shape
+
+
+def _model_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
+    p.add_argument("model", help="the ONNX file")
+    p.add_argument("--batch", type=int, default=1, help="value of a dynamic batch dim (default 1)")
+    p.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="shape of an input with dynamic dims (repeatable)",
+    )
+    if devices:
+        p.add_argument(
+            "--device",
+            action="append",
+            default=[],
+            metavar="NAME|FILE",
+            help="built-in device profile (see `morphonnx devices`) or a .json/.toml profile; "
+            f"repeatable (default {', '.join(DEFAULT_DEVICES)})",
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="morphonnx",
+        description="MorphNet-style structure learning for ONNX models: costs and channel groups "
+        "(analyze), the group spec for training adapters (spec), alive/dead channels from trained "
+        "weights (mask), and the smaller verified model (prune).",
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="per-layer costs, roofline latency and channel groups")
+    _model_args(p)
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="layers to list (default 10)")
+
+    p = sub.add_parser("spec", help="write the group spec that training adapters consume")
+    _model_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="SPEC.json")
+
+    p = sub.add_parser("mask", help="alive/dead channels from trained weights")
+    _model_args(p)
+    p.add_argument("--spec", required=True, metavar="SPEC.json")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--threshold", type=float, help="a channel lives when its value exceeds T")
+    how.add_argument("--auto", action="store_true", help="threshold in the gap of the values")
+    p.add_argument("-o", "--output", required=True, metavar="MASK.json")
+    p.add_argument("--plot", metavar="HIST.png", help="plot sorted values and histogram")
+    p.add_argument("--kind", choices=["gamma", "group_lasso"], default="gamma")
+    p.add_argument("--l1-fraction", type=float, default=0.0, help="group-LASSO L1 mix (0..1)")
+
+    p = sub.add_parser("prune", help="remove dead channels; verify against the masked original")
+    _model_args(p)
+    p.add_argument("--mask", required=True, metavar="MASK.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--structure", metavar="OUT.json", help="write alive channels per layer")
+
+    p = sub.add_parser("devices", help="list built-in device profiles")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    return top
+
+
+def _analysis(args: argparse.Namespace) -> Any:
+    from morphonnx.analysis import analyze
+    from morphonnx.devices import resolve_device
+
+    devices = [resolve_device(d) for d in (args.device or DEFAULT_DEVICES)]
+    return analyze(
+        args.model, batch=args.batch, input_shapes=dict(args.input_shape), devices=devices
+    )
+
+
+def _check_output(args: argparse.Namespace, out: str) -> None:
+    if Path(out).resolve() == Path(args.model).resolve():
+        raise MorphonnxError(f"{out}: refusing to overwrite the input model")
+
+
+def cmd_analyze(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.analysis import report_json
+    from morphonnx.formats import write_json
+    from morphonnx.report import print_analysis
+
+    a = _analysis(args)
+    print_analysis(console, a, args.top)
+    if args.json:
+        _check_output(args, args.json)
+        write_json(args.json, report_json(a))
+        console.print(f"wrote {args.json}")
+
+
+def cmd_spec(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.formats import write_json
+    from morphonnx.spec import build_spec
+
+    _check_output(args, args.output)
+    a = _analysis(args)
+    spec = build_spec(a)
+    write_json(args.output, spec)
+    prunable = [g for g in spec["groups"] if g["prunable"]]
+    console.print(
+        f"wrote {args.output}: {len(spec['groups'])} groups ({len(prunable)} prunable), "
+        f"{len(spec['costs'])} cost terms"
+    )
+
+
+def cmd_mask(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.formats import write_json
+    from morphonnx.mask import auto_threshold, group_values, make_mask
+    from morphonnx.report import plot_values, print_mask
+    from morphonnx.spec import read_spec
+
+    _check_output(args, args.output)
+    a = _analysis(args)
+    spec = read_spec(args.spec, a.fingerprint)
+    values = group_values(a, spec, args.kind, args.l1_fraction)
+    if not values:
+        raise MorphonnxError(f"{args.spec}: no prunable group has a regularization source")
+    if args.auto:
+        threshold, note = auto_threshold(values)
+        console.print(note)
+    else:
+        threshold = args.threshold
+    result = make_mask(values, threshold)
+    if result.rescued:
+        console.print(
+            f"[yellow]threshold {threshold:.3g} kills every channel of {', '.join(result.rescued)}:"
+            " kept the strongest channel of each[/yellow]"
+        )
+    _, predicted = a.predict(result.keep)
+    print_mask(console, a, result.keep, predicted, result.rescued)
+    if args.plot:
+        plot_values(values, threshold, args.plot)
+        console.print(f"wrote {args.plot}")
+    write_json(args.output, result.document(a.fingerprint, args.kind))
+    console.print(f"wrote {args.output}")
+
+
+def cmd_prune(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.analysis import analyze
+    from morphonnx.formats import write_json
+    from morphonnx.mask import load_mask
+    from morphonnx.prune import check_pruned, prune_model, save_model, structure
+    from morphonnx.report import print_verification, totals_table
+    from morphonnx.verify import verify
+
+    _check_output(args, args.output)
+    a = _analysis(args)
+    keep = load_mask(a, args.mask)
+    _, predicted = a.predict(keep)
+    layers = structure(a, keep)
+    pruned = prune_model(a, keep)
+    tmp = Path(args.output).with_name(f".{Path(args.output).name}.unverified.onnx")
+    try:
+        save_model(pruned, tmp, a.graph.path)
+        check_pruned(tmp, args.output)
+        if not args.no_verify:
+            v = verify(_analysis(args), keep, pruned)
+            print_verification(console, v)
+            if not v.ok:
+                raise MorphonnxError(
+                    f"{args.output}: pruned model differs from the masked original "
+                    f"({v.failures[0]}); nothing written"
+                )
+        after = analyze(tmp, batch=args.batch, input_shapes=dict(args.input_shape), devices=a.devices)
+        save_model(pruned, args.output, a.graph.path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+            leftover.unlink(missing_ok=True)
+    console.print(totals_table("Before and after", [("before", a.totals), ("after", after.totals)], a.devices))
+    if after.totals.macs != predicted.macs or after.totals.params != predicted.params:
+        console.print("[yellow]note: costs differ from the mask's prediction[/yellow]")
+    if args.structure:
+        write_json(args.structure, layers)
+        console.print(f"wrote {args.structure}")
+    console.print(f"wrote {args.output}")
+
+
+def cmd_devices(args: argparse.Namespace, console: Any) -> None:
+    from dataclasses import asdict
+
+    from morphonnx.devices import list_devices
+    from morphonnx.report import print_devices
+
+    if args.json:
+        print(json.dumps([asdict(d) for d in list_devices()], indent=1))
+    else:
+        print_devices(console, list_devices())
+
+
+COMMANDS = {
+    "analyze": cmd_analyze,
+    "spec": cmd_spec,
+    "mask": cmd_mask,
+    "prune": cmd_prune,
+    "devices": cmd_devices,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    try:
+        COMMANDS[args.command](args, console)
+    except MorphonnxError as exc:
+        print(f"morphonnx: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("morphonnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless debugging
+        if os.environ.get("MORPHONNX_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split())[:300]
+        print(
+            f"morphonnx: internal error: {type(exc).__name__}: {msg} "
+            "(set MORPHONNX_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
