@@ -123,14 +123,36 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
 
 
 def weight_tensors(graph: Graph) -> list[str]:
-    """Distinct floating-point constants read by some node (shared weights count once)."""
-    used = dict.fromkeys(t for n in graph.nodes for t in n.inputs if t and graph.is_const(t))
-    return [
-        t
-        for t in used
-        if graph.info(t).dtype is not None and graph.info(t).dtype.kind == "f"  # type: ignore[union-attr]
-        and not all(graph.is_const(o) for n in graph.consumers.get(t, []) for o in n.outputs if o)
-    ]
+    """Distinct floating-point constants stored in the model that feed a computation.
+
+    A folded constant (``Unsqueeze``/``Transpose``/``Mul``... of weights) stands for the stored
+    constants it is computed from, so a weight read both directly and through such a view (tied
+    embeddings: ``Gather(W)`` and ``MatMul(x, Transpose(W))``) counts once.
+    """
+    used: dict[str, None] = {}
+    visited: set[str] = set()
+
+    def add_sources(t: str) -> None:
+        stack = [t]
+        while stack:
+            name = stack.pop()
+            if name in visited:
+                continue
+            visited.add(name)
+            c = graph.constants[name]
+            producer = graph.by_name.get(c.node or "") if c.kind == "folded" else None
+            if producer is None:
+                used.setdefault(name, None)
+            else:
+                stack.extend(s for s in reversed(producer.inputs) if graph.is_const(s))
+
+    for n in graph.nodes:
+        if all(graph.is_const(o) for o in n.outputs if o):
+            continue  # computes constants only: its inputs count where its outputs are used
+        for t in n.inputs + n.implicit_inputs:
+            if graph.is_const(t):
+                add_sources(t)
+    return [t for t in used if (dt := graph.info(t).dtype) is not None and dt.kind == "f"]
 
 
 def totals(

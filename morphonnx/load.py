@@ -11,6 +11,7 @@ Three concerns live here and nowhere else:
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,7 +101,7 @@ def read_model(p: Path) -> onnx.ModelProto:
         raise MorphonnxError(f"{p}: not a valid ONNX model ({first})") from None
     if not model.HasField("graph") or not model.graph.output:
         raise MorphonnxError(f"{p}: not a valid ONNX model (no graph outputs; truncated file?)")
-    if not model.opset_import and model.ir_version >= 3:
+    if not model.opset_import:
         raise MorphonnxError(f"{p}: not a valid ONNX model (no opset_import; truncated file?)")
     return model
 
@@ -147,9 +148,9 @@ def check_external_data(model: onnx.ModelProto, p: Path) -> None:
             offset = length = -1
         if offset < 0 or length < 0:
             raise MorphonnxError(f"{where} has an invalid offset or length")
-        if not length and t.data_type not in _PACKED_OR_VARIABLE:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            length = int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        dtype = _np_dtype(t.data_type)
+        if not length and dtype is not None and t.data_type not in _PACKED_OR_VARIABLE:
+            length = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
         if offset + length > target.stat().st_size:
             raise MorphonnxError(f"{where} is shorter than the tensor (truncated file?)")
 
@@ -185,7 +186,12 @@ def resolve_input_shapes(
     for vi in inputs:
         dims = _dims(vi)
         if vi.name in given:
-            shape = [int(d) for d in given[vi.name]]
+            try:
+                shape = [operator.index(d) for d in given[vi.name]]
+            except TypeError:
+                raise MorphonnxError(
+                    f"{p}: --input-shape for '{vi.name}' must be integers"
+                ) from None
             if dims is not None and len(dims) != len(shape):
                 raise MorphonnxError(
                     f"{p}: input '{vi.name}' has rank {len(dims)}, --input-shape gives {len(shape)}"
@@ -316,9 +322,7 @@ def find_constants(
     """Initializers, ``Constant`` outputs and ``ConstantOfShape`` of a constant shape (weights)."""
     constants: dict[str, Constant] = {}
     for t in model.graph.initializer:
-        constants[t.name] = Constant(
-            t.name, "initializer", tuple(t.dims), helper.tensor_dtype_to_np_dtype(t.data_type)
-        )
+        constants[t.name] = Constant(t.name, "initializer", tuple(t.dims), _check_tensor(path, t))
     small_ints = {t.name: t for t in model.graph.initializer if int(np.prod(t.dims)) <= 64}
     for n in nodes:
         if not n.standard or not n.outputs:
@@ -345,14 +349,39 @@ def find_constants(
             if shape_value is None:
                 continue
             fill = n.attr("value")
-            dtype = (
-                helper.tensor_dtype_to_np_dtype(fill.data_type)
-                if fill is not None
-                else np.dtype(np.float32)
-            )
+            dtype = _np_dtype(fill.data_type) if fill is not None else np.dtype(np.float32)
             shape = tuple(int(d) for d in np.asarray(shape_value).reshape(-1))
+            if dtype is None or any(d < 0 for d in shape):
+                continue  # not a well-formed constant; shape inference decides what it is
             constants[out] = Constant(out, "constant_of_shape", shape, dtype, node=n.name)
     return constants
+
+
+def _np_dtype(code: int) -> np.dtype | None:
+    """The numpy dtype of an ONNX element type, or None for an unknown code."""
+    if code == onnx.TensorProto.UNDEFINED:
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(code))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _check_tensor(path: Path | None, t: onnx.TensorProto) -> np.dtype:
+    """The dtype of initializer ``t``, after checking its type, dims and inline byte count."""
+    dtype = _np_dtype(t.data_type)
+    if dtype is None:
+        raise MorphonnxError(f"{path}: initializer '{t.name}' has unknown data type {t.data_type}")
+    if any(d < 0 for d in t.dims):
+        raise MorphonnxError(f"{path}: initializer '{t.name}' has negative dims {list(t.dims)}")
+    if t.raw_data and t.data_type not in _PACKED_OR_VARIABLE:
+        need = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+        if len(t.raw_data) != need:
+            raise MorphonnxError(
+                f"{path}: initializer '{t.name}' holds {len(t.raw_data)} bytes, its shape "
+                f"{list(t.dims)} needs {need} (corrupt file?)"
+            )
+    return dtype
 
 
 def fold_constants(
@@ -447,7 +476,7 @@ def _info(vi: onnx.ValueInfoProto) -> TensorInfo:
     t = vi.type.tensor_type
     if not vi.type.HasField("tensor_type"):
         return TensorInfo(vi.name, None, None)
-    dtype = helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else None
+    dtype = _np_dtype(t.elem_type) if t.elem_type else None
     shape: Shape | None = None
     if t.HasField("shape"):
         shape = tuple(

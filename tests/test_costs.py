@@ -307,6 +307,57 @@ def test_shared_weight_counts_once_in_totals(tmp_path: Path) -> None:
     assert t.params == 36
 
 
+def _model_proto(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path))
+
+
+def test_tied_weight_read_directly_and_through_a_view(tmp_path: Path) -> None:
+    # tied embeddings: Gather(W, ids) and MatMul(h, Transpose(W)); W has 100x16 = 1600 params
+    nodes = [
+        helper.make_node("Gather", ["W", "ids"], ["h"], name="embed"),
+        helper.make_node("Transpose", ["W"], ["Wt"], name="tie", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "Wt"], ["y"], name="head"),
+    ]
+    graph_proto = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[_init("W", [100, 16])],
+    )
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)]), path)
+    graph = load_graph(path)
+    costs = {c.name: c for c in op_costs(graph)}
+    assert costs["head"].macs == 5 * 100 * 16
+    assert costs["tie"].macs == costs["tie"].params == costs["tie"].bytes == 0  # folded away
+    t = totals(graph, list(costs.values()))
+    assert t.params == 1600
+    assert t.weight_bytes == 1600 * F32
+    ref = count_macs_params(_model_proto(path))
+    assert (t.macs, t.params) == (ref["macs"], ref["params"])
+
+
+def test_folded_weight_expression_counts_its_sources(tmp_path: Path) -> None:
+    # Conv weight = W * s (a folded Mul, e.g. weight norm); bias through Unsqueeze and also
+    # used directly: stored params are W (108) + s (1) + b (4), each once
+    axes = numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")
+    nodes = [
+        helper.make_node("Mul", ["W", "s"], ["Ws"], name="scale"),
+        helper.make_node("Conv", ["x", "Ws", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Unsqueeze", ["b", "axes"], ["b4"], name="unsq"),
+        helper.make_node("Add", ["c", "b4"], ["y"], name="add"),
+    ]
+    inits = [_init("W", [4, 3, 3, 3]), _init("s", [1], seed=1), _init("b", [4]), axes]
+    path = _save(tmp_path, nodes, {"x": [1, 3, 8, 8]}, ["y"], inits)
+    graph = load_graph(path)
+    costs = op_costs(graph)
+    t = totals(graph, costs)
+    assert t.params == 108 + 1 + 4
+    ref = count_macs_params(_model_proto(path))
+    assert (t.macs, t.params) == (ref["macs"], ref["params"]) == (64 * 4 * 27, 113)
+
+
 # --------------------------------------------------------------------------- torch cross-check
 
 TORCH_MODELS = [

@@ -139,8 +139,9 @@ def _assert_loads_whole(graph: Graph, reference: Graph) -> None:
     assert totals(graph, op_costs(graph)).macs == totals(reference, op_costs(reference)).macs
 
 
-def _check_truncations(src: bytes, cuts: Sequence[int], path: Path, reference: Graph) -> int:
-    loaded = 0
+def _check_truncations(src: bytes, cuts: Sequence[int], path: Path, reference: Graph) -> list[int]:
+    """Load each prefix ``src[:cut]``: one-line error or the whole graph. Returns cuts that load."""
+    loaded = []
     for cut in cuts:
         path.write_bytes(src[:cut])
         try:
@@ -150,19 +151,20 @@ def _check_truncations(src: bytes, cuts: Sequence[int], path: Path, reference: G
             assert len(msg.splitlines()) == 1 and path.name in msg, (cut, msg)
             continue
         _assert_loads_whole(graph, reference)
-        loaded += 1
+        loaded.append(cut)
     return loaded
 
 
 def test_truncated_small_model_every_byte(tmp_path: Path) -> None:
     model = _conv_model()
     model.producer_name = "test"
-    model.metadata_props.add(key="k", value="v")  # after opset_import on the wire
+    core = len(model.SerializeToString())
+    model.metadata_props.add(key="k", value="v")  # written after opset_import
     src = model.SerializeToString()
     reference = load_graph(_save(model, tmp_path / "full.onnx"))
     loaded = _check_truncations(src, range(len(src)), tmp_path / "cut.onnx", reference)
-    # only cuts inside the trailing metadata can still give the whole graph
-    assert loaded <= 2 * len("kv") + 4
+    # only a cut that keeps graph and opset_import whole (inside the metadata) may load
+    assert loaded == [core]
 
 
 def test_truncated_model_without_opset_import(tmp_path: Path) -> None:
@@ -609,3 +611,52 @@ def test_constant_node_weights(tmp_path: Path) -> None:
     assert costs["conv2"].params == 4608
     assert costs["k"].macs == costs["k"].params == costs["k"].bytes == 0
     assert totals(graph, list(costs.values())).params == 432 + 16 + 4608
+
+
+# --------------------------------------------------------------------------- corrupt tensors
+
+
+@pytest.mark.parametrize(
+    ("corruption", "words"),
+    [
+        ("negative_dim", "negative dims"),
+        ("short_raw_data", "bytes"),
+        ("huge_dims", "bytes"),
+        ("undefined_type", "data type"),
+        ("unknown_type", "data type"),
+    ],
+)
+def test_corrupt_initializer(tmp_path: Path, corruption: str, words: str) -> None:
+    model = _conv_model()
+    t = model.graph.initializer[0]
+    if corruption == "negative_dim":
+        t.dims[0] = -4
+    elif corruption == "short_raw_data":
+        t.raw_data = t.raw_data[:50]
+    elif corruption == "huge_dims":
+        t.dims[0] = 10**12
+    elif corruption == "undefined_type":
+        t.data_type = TensorProto.UNDEFINED
+    else:
+        t.data_type = 999
+    msg = _error(_save(model, tmp_path / "m.onnx"))
+    assert words in msg and "'W'" in msg
+
+
+def test_input_shape_not_integers(tmp_path: Path) -> None:
+    p = _save(_conv_model(["N", 3, "H", "W"]), tmp_path / "m.onnx")
+    assert "integers" in _error(p, input_shapes={"x": [1, 3, 8.5, 8]})
+    assert "integers" in _error(p, input_shapes={"x": ["1", "3", "8", "8"]})
+    graph = load_graph(p, input_shapes={"x": np.array([1, 3, 6, 6], dtype=np.int64).tolist()})
+    assert graph.shape("y") == (1, 4, 6, 6)
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _save(_conv_model(), tmp_path / "locked.onnx")
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(onnx, "load", denied)  # root ignores chmod 000
+    msg = _error(p)
+    assert "cannot read" in msg and "Permission denied" in msg
