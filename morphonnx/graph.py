@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from morphonnx.protoscan import LazyWeights
+
 Shape = tuple[int, ...]
 """A tensor shape; unknown dims are -1."""
 
@@ -87,6 +89,7 @@ class Graph:
     inputs: list[str]
     outputs: list[str]
     opset: int
+    lazy: LazyWeights | None = None
     _values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -153,6 +156,8 @@ class Graph:
 def _constant_value(graph: Graph, c: Constant) -> np.ndarray:
     if c.kind == "initializer":
         tensor = graph.initializers[c.name]
+        if graph.lazy is not None and c.name in graph.lazy.spans and not tensor.raw_data:
+            return graph.lazy.weight(tensor)  # read-only view on the mapped file
         return numpy_helper.to_array(tensor, base_dir=str(graph.path.parent))
     node = graph.by_name[c.node or ""]
     if c.kind == "constant_node":

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 
 from morphonnx.errors import MorphonnxError
 from morphonnx.fold import FOLDS
+from morphonnx.protoscan import LazyWeights, read_stripped
 from morphonnx.graph import (
     Constant,
     Graph,
@@ -63,7 +64,7 @@ def _one_line(text: str) -> str:
 
 
 def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) -> Graph:
-    model = read_model(p)
+    model, lazy = read_model(p)
     check_external_data(model, p)
     opset = default_opset(model)
     defined = {t.name for t in model.graph.initializer}
@@ -72,7 +73,7 @@ def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) 
     fixed = resolve_input_shapes(p, real_inputs, batch, input_shapes)
     nodes = make_nodes(model)
     check_references(p, model, nodes)
-    constants = find_constants(model, nodes, p)
+    constants = find_constants(model, nodes, p, lazy)
     tensors = infer_tensor_shapes(p, model, fixed, constants)
     fold_constants(nodes, constants, tensors)
     return Graph(
@@ -84,16 +85,18 @@ def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) 
         inputs=[i.name for i in real_inputs],
         outputs=[o.name for o in model.graph.output],
         opset=opset,
+        lazy=lazy,
     )
 
 
-def read_model(p: Path) -> onnx.ModelProto:
+def read_model(p: Path) -> tuple[onnx.ModelProto, LazyWeights]:
+    """Parse the graph; big weights stay on disk until a command needs their values."""
     if not p.exists():
         raise MorphonnxError(f"{p}: file not found")
     if not p.is_file():
         raise MorphonnxError(f"{p}: not a file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model, lazy = read_stripped(p)
     except OSError as exc:
         raise MorphonnxError(f"{p}: cannot read file ({exc.strerror or exc})") from None
     except Exception as exc:  # protobuf raises several unrelated types
@@ -103,7 +106,7 @@ def read_model(p: Path) -> onnx.ModelProto:
         raise MorphonnxError(f"{p}: not a valid ONNX model (no graph outputs; truncated file?)")
     if not model.opset_import:
         raise MorphonnxError(f"{p}: not a valid ONNX model (no opset_import; truncated file?)")
-    return model
+    return model, lazy
 
 
 def _tensor_protos(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -317,12 +320,19 @@ def check_references(p: Path, model: onnx.ModelProto, nodes: list[Node]) -> None
 
 
 def find_constants(
-    model: onnx.ModelProto, nodes: list[Node], path: Path | None = None
+    model: onnx.ModelProto,
+    nodes: list[Node],
+    path: Path | None = None,
+    lazy: LazyWeights | None = None,
 ) -> dict[str, Constant]:
     """Initializers, ``Constant`` outputs and ``ConstantOfShape`` of a constant shape (weights)."""
     constants: dict[str, Constant] = {}
+    spans = lazy.spans if lazy is not None else {}
     for t in model.graph.initializer:
-        constants[t.name] = Constant(t.name, "initializer", tuple(t.dims), _check_tensor(path, t))
+        span = spans.get(t.name)
+        stored = span[1] - span[0] if span else len(t.raw_data)
+        dtype = _check_tensor(path, t, stored)
+        constants[t.name] = Constant(t.name, "initializer", tuple(t.dims), dtype)
     small_ints = {t.name: t for t in model.graph.initializer if int(np.prod(t.dims)) <= 64}
     for n in nodes:
         if not n.standard or not n.outputs:
@@ -367,18 +377,18 @@ def _np_dtype(code: int) -> np.dtype | None:
         return None
 
 
-def _check_tensor(path: Path | None, t: onnx.TensorProto) -> np.dtype:
+def _check_tensor(path: Path | None, t: onnx.TensorProto, stored: int) -> np.dtype:
     """The dtype of initializer ``t``, after checking its type, dims and inline byte count."""
     dtype = _np_dtype(t.data_type)
     if dtype is None:
         raise MorphonnxError(f"{path}: initializer '{t.name}' has unknown data type {t.data_type}")
     if any(d < 0 for d in t.dims):
         raise MorphonnxError(f"{path}: initializer '{t.name}' has negative dims {list(t.dims)}")
-    if t.raw_data and t.data_type not in _PACKED_OR_VARIABLE:
+    if stored and t.data_type not in _PACKED_OR_VARIABLE:
         need = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
-        if len(t.raw_data) != need:
+        if stored != need:
             raise MorphonnxError(
-                f"{path}: initializer '{t.name}' holds {len(t.raw_data)} bytes, its shape "
+                f"{path}: initializer '{t.name}' holds {stored} bytes, its shape "
                 f"{list(t.dims)} needs {need} (corrupt file?)"
             )
     return dtype
