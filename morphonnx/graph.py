@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from morphonnx.protoscan import LazyWeights
+
+if TYPE_CHECKING:
+    import networkx
 
 Shape = tuple[int, ...]
 """A tensor shape; unknown dims are -1."""
@@ -114,9 +116,12 @@ class Graph:
         return {n.name: n for n in self.nodes}
 
     @cached_property
-    def nx(self) -> nx.MultiDiGraph:
-        """Ops as nodes, tensors as edges (key = tensor name, with shape and dtype)."""
-        g = nx.MultiDiGraph()
+    def nx(self) -> networkx.MultiDiGraph:
+        """Ops as nodes, tensors as edges (key = tensor name, with shape and dtype). Built on first
+        use: the commands walk the node list directly, and importing networkx costs startup time."""
+        import networkx
+
+        g = networkx.MultiDiGraph()
         for n in self.nodes:
             g.add_node(n.name, op_type=n.op_type)
         for n in self.nodes:

@@ -9,6 +9,7 @@ them); a group is prunable when none of its classes is stopped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -24,7 +25,15 @@ class Member:
     tensor: str
     axis: int
     role: str
-    positions: list[list[int]]
+    index: np.ndarray = field(repr=False)  # the slices of channel 0, then of channel 1, ...
+    counts: np.ndarray = field(repr=False)  # how many slices each channel has
+
+    @cached_property
+    def positions(self) -> list[list[int]]:
+        """``positions[k]``: the indices along ``axis`` that belong to channel ``k``."""
+        if len(self.counts) and (self.counts == self.counts[0]).all():
+            return self.index.reshape(len(self.counts), -1).tolist()
+        return [p.tolist() for p in np.split(self.index, np.cumsum(self.counts)[:-1])]
 
 
 @dataclass
@@ -113,7 +122,8 @@ def solve(graph: Graph) -> Solution:
     is_const = np.array([s.const for s in ch.slots], dtype=bool)
 
     # a class's signature: the set of slots it touches (hashed by summing random slot keys)
-    pair = np.unique(labels * len(ch.slots) + slot_of)
+    pair = np.sort(labels * len(ch.slots) + slot_of)
+    pair = pair[np.diff(pair, prepend=-1) != 0]
     pair_label, pair_slot = pair // len(ch.slots), pair % len(ch.slots)
     keys = np.random.default_rng(0).integers(1, 2**62, size=len(ch.slots), dtype=np.int64)
     sig = np.zeros(n, dtype=np.uint64)
@@ -146,15 +156,13 @@ def solve(graph: Graph) -> Solution:
     gv, kv, sv, pv = gv[idx], kv[idx], sv[idx], pv[idx]
     run = np.flatnonzero(np.diff(gv * len(ch.slots) + sv, prepend=-1, append=-1))
 
-    parts: dict[int, tuple[list[Member], list[Member]]] = {gi: ([], []) for gi in range(len(ordered))}
+    parts: dict[int, tuple[list[Member], list[Member]]] = {
+        gi: ([], []) for gi in range(len(ordered))
+    }
     for lo, hi in zip(run[:-1].tolist(), run[1:].tolist(), strict=True):
         gi, slot = int(gv[lo]), ch.slots[int(sv[lo])]
         counts = np.bincount(kv[lo:hi], minlength=len(ordered[gi]))
-        if (counts == counts[0]).all():  # the usual case: same number of slices per channel
-            positions = pv[lo:hi].reshape(len(counts), -1).tolist()
-        else:
-            positions = [p.tolist() for p in np.split(pv[lo:hi], np.cumsum(counts)[:-1])]
-        member = Member(slot.tensor, slot.axis, slot.role, positions)
+        member = Member(slot.tensor, slot.axis, slot.role, pv[lo:hi], counts)
         parts[gi][0 if slot.const else 1].append(member)
 
     groups: list[Group] = []
