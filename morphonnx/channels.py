@@ -5,9 +5,9 @@ names, is one integer variable. A *slot* is a run of variables for one (tensor, 
 variables (these channels must live or die together) and stop them (these channels may not be
 removed, for a reason a user can read). The group solver turns that into groups.
 
-A tensor whose channels no rule could follow (a graph input, the output of an unsupported op) has no
-slot of its own but a *why*; a consumer that needs its channels gets a slot that is stopped with that
-why, so nothing unknown is ever assumed to pass channels through.
+A tensor whose channels no rule could follow (a graph input, the output of an unsupported op) has
+no slot of its own but a *why*; a consumer that needs its channels gets a slot that is stopped with
+that why, so nothing unknown is ever assumed to pass channels through.
 """
 
 from __future__ import annotations
@@ -142,7 +142,12 @@ class RuleContext:
             extra = self.ch.by_key.get(key)
             if extra is None:
                 extra = Slot(
-                    len(self.ch.slots), tensor, axis, self.shape(tensor)[axis], self.ch.n_vars, False
+                    len(self.ch.slots),
+                    tensor,
+                    axis,
+                    self.shape(tensor)[axis],
+                    self.ch.n_vars,
+                    False,
                 )
                 self.ch.n_vars += extra.size
                 self.ch.slots.append(extra)

@@ -2,8 +2,8 @@
 
 Each rule reads one node and says how the channels of its outputs relate to its inputs and weights
 (``RuleContext.same`` / ``tie``), which weights have a slice per channel (``weight``), and where
-channels may not cross (``stop_all``, ``stop``). An op missing from :data:`RULES` stops every group it
-touches: nothing unknown is assumed to pass channels through.
+channels may not cross (``stop_all``, ``stop``). An op missing from :data:`RULES` stops every group
+it touches: nothing unknown is assumed to pass channels through.
 
 Each entry may also carry a *rewrite*: how the node's attributes or constant inputs change when
 channels are removed (``group`` of depthwise convs, Reshape targets, Split sizes, Slice bounds).
@@ -176,7 +176,8 @@ def conv(ctx: RuleContext) -> None:
 
 
 def conv_transpose(ctx: RuleContext) -> None:
-    """ConvTranspose: weight is (C_in, C_out/group, k...): axis 0 meets the input, axis 1 the output."""
+    """ConvTranspose: weight is (C_in, C_out/group, k...); axis 0 meets the input, axis 1 the
+    output."""
     x, w, b = ctx.input(0), ctx.input(1), ctx.input(2)
     if not ctx.is_const(w):
         _mixes(ctx, f"takes its weights `{w}` from a computed tensor")
@@ -189,7 +190,7 @@ def conv_transpose(ctx: RuleContext) -> None:
     xs = ctx.channels_of(x, 1)
     ctx.same(xs, ctx.weight(w, 0, "consumer"))
     cin_g = cin // g
-    if cin_g == 1:  # depthwise transpose: output block of input i is i*m .. i*m+m-1
+    if g > 1 and cin_g == 1:  # depthwise transpose: output block of input i is i*m .. i*m+m-1
         ctx.tie(xs, np.arange(cin)[:, None], y, np.arange(cin * cout_g).reshape(cin, cout_g))
         if cout_g > 1:
             ctx.stop(ctx.weight(w, 1, "producer"), f"depthwise ConvTranspose at {ctx.where()}")
@@ -197,7 +198,9 @@ def conv_transpose(ctx: RuleContext) -> None:
     wp = ctx.weight(w, 1, "producer")
     q = np.arange(cout_g)
     ctx.tie(y, np.arange(g)[:, None] * cout_g + q[None, :], wp, q[None, :])
-    ctx.tie(xs, np.arange(g)[:, None] * cin_g + np.arange(cin_g)[None, :], xs, np.arange(cin_g)[None, :])
+    ctx.tie(
+        xs, np.arange(g)[:, None] * cin_g + np.arange(cin_g)[None, :], xs, np.arange(cin_g)[None, :]
+    )
 
 
 def _group_ties(
@@ -249,7 +252,9 @@ def matmul(ctx: RuleContext) -> None:
     if own is not None and own != ra - 1:
         # channels ride along a batch / row axis; the new features of b are not followed
         _passthrough(ctx, own, [out], own + ctx.rank(out) - ra)
-        ctx.stop(ctx.weight(b, -1, "producer"), f"MatMul at {ctx.where()} is not on the channel axis")
+        ctx.stop(
+            ctx.weight(b, -1, "producer"), f"MatMul at {ctx.where()} is not on the channel axis"
+        )
         return
     y = ctx.out(out, ctx.rank(out) - 1)
     ctx.same(y, ctx.weight(b, -1, "producer"))
@@ -268,7 +273,7 @@ def reshape_map(
     outer = int(np.prod(in_shape[:a], dtype=np.int64))
     inner = int(np.prod(in_shape[a + 1 :], dtype=np.int64))
     acc = 1
-    for b, d in enumerate(out_shape):
+    for b, d in enumerate(out_shape):  # noqa: B007 (b is used after the loop)
         if acc * d >= outer * c:
             break
         acc *= d
@@ -386,7 +391,12 @@ def slice_(ctx: RuleContext) -> None:
     start = starts[k]
     start = max(0, min(n_in, start + n_in if start < 0 else start))
     n_out = ctx.shape(ctx.outputs[0])[a]
-    ctx.tie(ctx.ch.by_key[(x, a)], start + np.arange(n_out), ctx.out(ctx.outputs[0], a), np.arange(n_out))
+    ctx.tie(
+        ctx.ch.by_key[(x, a)],
+        start + np.arange(n_out),
+        ctx.out(ctx.outputs[0], a),
+        np.arange(n_out),
+    )
 
 
 def gather(ctx: RuleContext) -> None:
@@ -673,9 +683,9 @@ def build_channels(graph) -> Channels:  # type: ignore[no-untyped-def]
         used = [t for t in node.outputs if t in graph.consumers or t in graph.outputs]
         unknown = [t for t in node.inputs + used if t and not graph.info(t).known]
         if unknown and not rule.shapeless:
-            why = ch.why.get(unknown[0])  # e.g. the unsupported op that made the shape unknown
-            reason = f"shape of `{unknown[0]}` unknown at {ctx.where()}"
-            ctx.stop_all(f"{reason} ({why})" if why else reason)
+            # name the cause where one is known (the unsupported op upstream), not its symptom
+            why = ch.why.get(unknown[0])
+            ctx.stop_all(why or f"shape of `{unknown[0]}` unknown at {ctx.where()}")
             continue
         if all(graph.is_const(t) for t in node.inputs if t) and node.inputs:
             ctx.no_channels(f"constant computed at {ctx.where()}")

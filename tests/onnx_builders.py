@@ -2,8 +2,8 @@
 
 A :class:`Builder` collects nodes, initializers, inputs and outputs; shapes of intermediate tensors
 come from ONNX shape inference at load time, so a test only declares the graph inputs and the
-weights. Weights are random but seeded, and every weight gets a distinct name so the tests can assert
-on member tensor names.
+weights. Weights are random but seeded, and every weight gets a distinct name so the tests can
+assert on member tensor names.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ INT64 = TensorProto.INT64
 class Builder:
     """Collects a graph; ``node`` returns the output name(s) so calls chain like expressions."""
 
-    def __init__(self, opset: int = 17, *, ir_version: int = 8) -> None:
+    def __init__(self, opset: int = 17, *, ir_version: int = 8, seed: int = 0) -> None:
         self.opset = opset
         self.ir_version = ir_version
         self.nodes: list[onnx.NodeProto] = []
@@ -37,7 +37,7 @@ class Builder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.domains: dict[str, int] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
-        self._seed = 0
+        self._seed = seed  # weight values differ between seeds, the structure does not
         self._count = 0
 
     # --- tensors -------------------------------------------------------------------------------
@@ -149,10 +149,15 @@ class Builder:
 
     # --- finishing -----------------------------------------------------------------------------
     def model(self, *, check: bool = True) -> onnx.ModelProto:
+        inputs = list(self.inputs)
+        if self.ir_version < 4:  # IR 3: every initializer is also a graph input
+            inputs += [
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits
+            ]
         g = helper.make_graph(
             self.nodes,
             "g",
-            self.inputs,
+            inputs,
             self.outputs,
             initializer=self.inits,
             value_info=self.value_info,
@@ -180,7 +185,7 @@ class Builder:
         return solve(self.load(directory, name))
 
 
-# --- reading solutions -----------------------------------------------------------------------------
+# --- reading solutions ----------------------------------------------------------------------------
 
 
 def member_keys(group: Group) -> set[tuple[str, int]]:

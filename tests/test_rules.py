@@ -1,5 +1,5 @@
-"""The channel-rule table, one op kind at a time: small graphs built with onnx.helper, saved to disk,
-loaded with ``load_graph`` and solved; the exact groups are asserted.
+"""The channel-rule table, one op kind at a time: small graphs built with onnx.helper, saved to
+disk, loaded with ``load_graph`` and solved; the exact groups are asserted.
 
 Most graphs have the shape ``x -> conv a (3 -> C) -> OP -> conv b (C -> 5) -> output``: the group
 under test is the one of ``a.weight`` axis 0 (the filters of ``a``), and the question is which other
@@ -9,7 +9,9 @@ slices join it and whether it stays prunable.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,7 +76,7 @@ def passes(sol: Solution) -> None:
 
 
 def stops(sol: Solution, *fragments: str) -> Group:
-    """The op under test stops the group of ``a``; ``b``'s input side is a separate stopped group."""
+    """The op under test stops the group of ``a``; ``b``'s input side is a separate group."""
     g = a_group(sol)
     assert_stopped(g, *fragments)
     assert B_IN not in member_keys(g)
@@ -89,7 +91,10 @@ def test_conv_chain_groups(tmp_path: Path) -> None:
     head(b, stem(b))
     sol = b.solve(tmp_path)
     assert [g.id for g in sol.groups] == ["g0", "g1", "g2"]
-    g_in, g_a, g_out = (group_of(sol, *k) for k in [("a.weight", 1), ("a.weight", 0), ("b.weight", 0)])
+    g_in, g_a, g_out = (
+        group_of(sol, *k) for k in [("a.weight", 1), ("a.weight", 0), ("b.weight", 0)]
+    )
+    assert (g_a.id, g_in.id, g_out.id) == ("g0", "g1", "g2")  # order of first appearance
     assert_stopped(g_in, "graph input `x`")
     assert g_in.channels == 3 and member_keys(g_in) == {("a.weight", 1)}
     assert [m.tensor for m in g_in.activations] == ["x"]
@@ -100,6 +105,17 @@ def test_conv_chain_groups(tmp_path: Path) -> None:
     assert member(g_a, "b.weight").role == "consumer"
     assert_stopped(g_out, "graph output `b.out`")
     assert g_out.channels == 5 and member_keys(g_out) == {("b.weight", 0), ("b.bias", 0)}
+
+
+def test_ir3_initializers_listed_as_inputs_are_weights(tmp_path: Path) -> None:
+    """Old exporters list every initializer among the graph inputs: they are not graph inputs."""
+    b = Builder(opset=8, ir_version=3)
+    head(b, b.bn(stem(b), C, prefix="bn"))
+    sol = b.solve(tmp_path)
+    assert sol.graph.inputs == ["x"]
+    g = a_group(sol)
+    bn = {("bn.weight", 0), ("bn.bias", 0), ("bn.running_mean", 0), ("bn.running_var", 0)}
+    assert_plain(g, C, A_OWN | bn | {B_IN})
 
 
 def test_intermediate_graph_output_stops_its_group(tmp_path: Path) -> None:
@@ -115,18 +131,13 @@ def test_intermediate_graph_output_stops_its_group(tmp_path: Path) -> None:
 
 
 def test_every_rule_is_exercised() -> None:
-    """The op kinds this module builds cover every rule function of the table."""
-    tested = set(_TESTED_OPS)
+    """Every rule function of the table is reached by an op kind that these tests build."""
+    here = Path(__file__).resolve().parent
+    source = (here / "test_rules.py").read_text() + (here / "test_groups.py").read_text()
+    built = {op for op in RULES if f'"{op}"' in source}
     rule_functions = {RULES[op].channels.__name__ for op in RULES}
-    covered = {RULES[op].channels.__name__ for op in tested if op in RULES}
+    covered = {RULES[op].channels.__name__ for op in built}
     assert rule_functions - covered == set()
-
-
-_TESTED_OPS = """Relu Sigmoid Add Mul Where Max Min PRelu MaxPool GlobalAveragePool BatchNormalization
-InstanceNormalization LayerNormalization LpNormalization MeanVarianceNormalization Conv
-ConvTranspose Gemm MatMul Reshape Flatten Squeeze Unsqueeze Transpose Concat Split Slice Gather Pad
-Resize Expand Tile ReduceMean ReduceSum ArgMax Softmax LogSoftmax QuantizeLinear DequantizeLinear
-Shape Constant LRN DepthToSpace Einsum""".split()
 
 
 # --- unary, pools, normalization ------------------------------------------------------------
@@ -135,7 +146,7 @@ Shape Constant LRN DepthToSpace Einsum""".split()
 @pytest.mark.parametrize("op", ["Relu", "Sigmoid", "Identity", "Dropout", "Cast"])
 def test_unary_passes(tmp_path: Path, op: str) -> None:
     b = Builder()
-    attrs = {"to": 1} if op == "Cast" else {}
+    attrs: dict[str, Any] = {"to": 1} if op == "Cast" else {}
     head(b, b.node(op, [stem(b)], **attrs))
     passes(b.solve(tmp_path))
 
@@ -446,6 +457,41 @@ def test_conv_consuming_a_single_channel(tmp_path: Path) -> None:
     assert_plain(g, 1, A_OWN | {B_IN})
 
 
+def test_conv_reading_channels_from_another_axis_stops(tmp_path: Path) -> None:
+    """A square NHWC tensor fed to a conv: shapes agree, channel axes do not."""
+    b = Builder()
+    t = b.node("Transpose", [stem(b, c=4)], perm=[0, 2, 3, 1])  # [1, 4, 4, 4], channels last
+    b.output(b.conv(t, 4, 5, prefix="b"))
+    sol = b.solve(tmp_path)
+    g = a_group(sol)
+    assert_stopped(g, "Conv at node `b` expects channels of `", "on axis 1, they are on axis 3")
+    assert member_keys(g) == A_OWN
+    assert_stopped(group_of(sol, *B_IN), "channel axis conflict at node `b`")
+
+
+def test_shared_weight_ties_both_convs(tmp_path: Path) -> None:
+    """One initializer used by two convs is one member: both convs' channels go together."""
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    w = b.init("shared", [C, 3, 1, 1])
+    p = b.node("Conv", [b.relu(b.conv(x, 3, 3, 1, prefix="p")), w], "p2")
+    q = b.node("Conv", [b.relu(b.conv(x, 3, 3, 1, prefix="q")), w], "q2")
+    b.output(b.conv(b.node("Concat", [p, q], axis=1), 2 * C, 5, 1, prefix="b"))
+    sol = b.solve(tmp_path)
+    g_out = group_of(sol, "shared", 0)
+    assert g_out.prunable and g_out.channels == C
+    assert member(g_out, "b.weight").positions == [[i, C + i] for i in range(C)]
+    g_in = group_of(sol, "shared", 1)
+    assert g_in.prunable and g_in.channels == 3
+    assert member_keys(g_in) == {
+        ("shared", 1),
+        ("p.weight", 0),
+        ("p.bias", 0),
+        ("q.weight", 0),
+        ("q.bias", 0),
+    }
+
+
 def test_conv_without_bias(tmp_path: Path) -> None:
     b = Builder()
     x = b.input("x", [1, 3, 4, 4])
@@ -524,6 +570,38 @@ def test_conv_transpose(tmp_path: Path) -> None:
     assert member(g_up, "up.weight").role == "producer"
 
 
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_conv_transpose(tmp_path: Path, mult: int) -> None:
+    b = Builder()
+    a = stem(b, c=4)
+    w = b.init("up.weight", [4, mult, 2, 2])
+    up = b.node("ConvTranspose", [a, w], "up.out", name="up", strides=[2, 2], group=4)
+    b.output(b.conv(up, 4 * mult, 5, prefix="b"))
+    sol = b.solve(tmp_path)
+    g = a_group(sol)
+    assert g.prunable and g.channels == 4
+    assert member_keys(g) == A_OWN | {("up.weight", 0), B_IN}
+    assert member(g, "up.weight", 0).positions == identity(4)
+    assert member(g, "b.weight").positions == [
+        [i * mult + j for j in range(mult)] for i in range(4)
+    ]
+    if mult > 1:  # the position inside a group's outputs is no channel of its own
+        assert_stopped(group_of(sol, "up.weight", 1), "depthwise ConvTranspose at node `up`")
+
+
+def test_conv_transpose_on_single_channel_input(tmp_path: Path) -> None:
+    """One input channel and group 1 is a plain transpose conv, not a depthwise one."""
+    b = Builder()
+    x = b.input("x", [1, 1, 4, 4])
+    up = b.node("ConvTranspose", [x, b.init("up.weight", [1, 6, 2, 2])], "up.out", strides=[2, 2])
+    b.output(b.conv(up, 6, 5, prefix="b"))
+    sol = b.solve(tmp_path)
+    assert_plain(group_of(sol, "up.weight", 1), 6, {("up.weight", 1), B_IN})
+    g_in = group_of(sol, "up.weight", 0)
+    assert_stopped(g_in, "graph input `x`")
+    assert g_in.channels == 1 and member_keys(g_in) == {("up.weight", 0)}
+
+
 def test_grouped_conv_transpose(tmp_path: Path) -> None:
     b = Builder()
     a = stem(b)
@@ -568,7 +646,9 @@ def test_gemm_without_trans_and_row_bias(tmp_path: Path) -> None:
     b.output(b.gemm(y, 6, 5, prefix="fc2"))
     sol = b.solve(tmp_path)
     assert_plain(a_group(sol), C, A_OWN | {("fc.weight", 0)})
-    assert_plain(group_of(sol, "fc.weight", 1), 6, {("fc.weight", 1), ("fc.bias", 1), ("fc2.weight", 1)})
+    assert_plain(
+        group_of(sol, "fc.weight", 1), 6, {("fc.weight", 1), ("fc.bias", 1), ("fc2.weight", 1)}
+    )
 
 
 def test_gemm_trans_a(tmp_path: Path) -> None:
@@ -590,7 +670,9 @@ def test_gemm_with_computed_bias_ties_it(tmp_path: Path) -> None:
     b.output(b.gemm(y, 6, 5, prefix="fc2"))
     sol = b.solve(tmp_path)
     g = group_of(sol, "fc.weight", 1)
-    assert_plain(g, 6, {("fc.weight", 1), ("other.weight", 0), ("other.bias", 0), ("fc2.weight", 1)})
+    assert_plain(
+        g, 6, {("fc.weight", 1), ("other.weight", 0), ("other.bias", 0), ("fc2.weight", 1)}
+    )
 
 
 def test_gemm_of_two_activations_stops(tmp_path: Path) -> None:
@@ -638,6 +720,23 @@ def test_matmul_channels_on_row_axis(tmp_path: Path) -> None:
     assert_stopped(group_of(sol, "w", 1), "MatMul at node `mm` is not on the channel axis")
 
 
+def test_patch_embedding_into_linear_layers(tmp_path: Path) -> None:
+    """Conv patches -> [N, C, HW] -> [N, HW, C] -> MatMul + bias -> MatMul: a ViT stem."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    w = b.init("a.weight", [C, 3, 4, 4])
+    a = b.node("Conv", [x, w], "a.out", kernel_shape=[4, 4], strides=[4, 4])  # [1, C, 2, 2]
+    r = b.node("Reshape", [a, b.ints("s", [1, C, 4])])
+    t = b.node("Transpose", [r], perm=[0, 2, 1])  # [1, 4, C]
+    h = b.node("Add", [b.node("MatMul", [t, b.init("w1", [C, 6])]), b.init("b1", [6])])
+    b.output(b.node("MatMul", [b.relu(h), b.init("w2", [6, 5])]))
+    sol = b.solve(tmp_path)
+    assert_plain(a_group(sol), C, {("a.weight", 0), ("w1", 0)})
+    g = group_of(sol, "w1", 1)
+    assert_plain(g, 6, {("w1", 1), ("b1", 0), ("w2", 0)})
+    assert activation(g, h).axis == 2
+
+
 # --- shape ops ----------------------------------------------------------------------------------
 
 
@@ -655,7 +754,7 @@ def test_reshape_map_cases() -> None:
     assert same is not None and same[0] == 1 and same[1].tolist() == identity(8)
 
 
-def _flatten_case(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+def _flatten_case(tmp_path: Path, make: Callable[[Builder, str], str]) -> None:
     b = Builder()
     f = make(b, stem(b))
     b.output(b.gemm(f, C * 16, 10, prefix="fc"))
@@ -675,7 +774,7 @@ def test_reshape_with_constant_shape_into_gemm(tmp_path: Path, shape: list[int])
 
 
 def test_torch_dynamic_flatten_into_gemm(tmp_path: Path) -> None:
-    """x.view(x.size(0), -1) as exported by torch: Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+    """x.view(x.size(0), -1) as torch exports it: Shape, Gather, Unsqueeze, Concat, Reshape."""
 
     def make(b: Builder, a: str) -> str:
         s = b.node("Shape", [a])
@@ -763,6 +862,15 @@ def test_concat_offsets(tmp_path: Path) -> None:
     assert member(g_p, "b.weight").positions == [[0], [1]]
     assert member(g_q, "b.weight").positions == [[2], [3], [4]]
     assert activation(g_q, cat).positions == [[2], [3], [4]]
+
+
+def test_concat_of_the_same_tensor_twice(tmp_path: Path) -> None:
+    b = Builder()
+    a = stem(b, c=4)
+    head(b, b.node("Concat", [a, a], axis=1), c=8)
+    g = a_group(b.solve(tmp_path))
+    assert g.prunable and g.channels == 4 and member_keys(g) == A_OWN | {B_IN}
+    assert member(g, "b.weight").positions == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
 def test_concat_with_negative_axis_and_constant(tmp_path: Path) -> None:
@@ -862,11 +970,25 @@ def test_slice_negative_start_and_other_axes(tmp_path: Path) -> None:
     a = stem(b)
     s = b.node(
         "Slice",
-        [a, b.ints("st", [-3, 1]), b.ints("en", [100, 3]), b.ints("ax", [-3, 2]), b.ints("sp", [1, 1])],
+        [
+            a,
+            b.ints("st", [-3, 1]),
+            b.ints("en", [100, 3]),
+            b.ints("ax", [-3, 2]),
+            b.ints("sp", [1, 1]),
+        ],
     )
     head(b, s, c=3)
     g = group_of(b.solve(tmp_path), *B_IN)
     assert g.prunable and member(g, "a.weight").positions == [[5], [6], [7]]
+
+
+def test_slice_without_axes_input_counts_axes_from_0(tmp_path: Path) -> None:
+    b = Builder()
+    s = b.node("Slice", [stem(b), b.ints("st", [0, 2]), b.ints("en", [1, 6])])
+    head(b, s, c=4)
+    g = group_of(b.solve(tmp_path), *B_IN)
+    assert g.prunable and member(g, "a.weight").positions == [[2], [3], [4], [5]]
 
 
 def test_slice_off_the_channel_axis_passes(tmp_path: Path) -> None:
@@ -914,7 +1036,7 @@ def test_gather_on_the_channel_axis_stops(tmp_path: Path) -> None:
     stops(b.solve(tmp_path), "Gather at node `ga` gathers along the channel axis")
 
 
-# --- pad, resize, expand ----------------------------------------------------------------------------
+# --- pad, resize, expand --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("opset", [2, 11, 18])
@@ -1127,6 +1249,25 @@ def test_big_constant_node_weight_is_member(tmp_path: Path) -> None:
     assert_plain(a_group(b.solve(tmp_path)), C, {("a.weight", 0), B_IN})
 
 
+def test_constant_of_shape_weight_is_member(tmp_path: Path) -> None:
+    """Model-zoo style: a weight made by ConstantOfShape of a constant shape."""
+    from onnx import helper, numpy_helper
+
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    fill = numpy_helper.from_array(np.array([0.5], dtype=np.float32))
+    w = b.node("ConstantOfShape", [b.ints("wshape", [C, 3, 1, 1])], "a.weight", value=fill)
+    kc = b.node("Constant", [], "k", value=helper.make_tensor("kv", 1, [C, 1, 1], [1.0] * C))
+    a = b.node("Mul", [b.node("Conv", [x, w], "a.out"), kc])
+    head(b, a)
+    sol = b.solve(tmp_path)
+    assert sol.graph.constants["a.weight"].kind == "constant_of_shape"
+    assert sol.graph.constants["k"].kind == "constant_node"
+    g = a_group(sol)
+    assert_plain(g, C, {("a.weight", 0), ("k", 0), B_IN})
+    assert member(g, "k").role == "scale"
+
+
 def test_folded_weights_behind_unsqueeze_and_identity_are_members(tmp_path: Path) -> None:
     b = Builder()
     a = stem(b)
@@ -1142,7 +1283,7 @@ def test_folded_weights_behind_unsqueeze_and_identity_are_members(tmp_path: Path
     assert sol.graph.constants["b.weight"].kind == "folded"
 
 
-# --- unsupported ops --------------------------------------------------------------------------------
+# --- unsupported ops ------------------------------------------------------------------------------
 
 
 def test_custom_domain_op_stops(tmp_path: Path) -> None:
@@ -1162,6 +1303,37 @@ def test_custom_domain_op_without_shapes_stops_with_its_name(tmp_path: Path) -> 
     b.output(r)
     sol = b.solve(tmp_path)
     stops(sol, "unsupported op `com.example.Foo` at node `foo`")
+
+
+def test_unsupported_op_without_shapes_names_itself_downstream(tmp_path: Path) -> None:
+    """Shape inference stops at the custom op; what reads its output says why."""
+    b = Builder()
+    y = b.node("Foo", [stem(b)], "foo.out", domain="com.example", name="foo")
+    c = b.conv(b.relu(b.relu(y)), C, 5, prefix="c")
+    b.output(b.node("Add", [c, b.conv(b.input("x2", [1, 3, 4, 4]), 3, 5, prefix="d")]))
+    sol = b.solve(tmp_path)
+    reason = "unsupported op `com.example.Foo` at node `foo`"
+    stops(sol, reason)
+    g_d = group_of(sol, "d.weight", 0)
+    assert g_d.reasons == [reason]  # met the custom op's descendants in the Add
+    assert groups_with(sol, "c.weight", 0) == []  # c's shapes are unknown: not offered at all
+
+
+def test_if_reading_channels_from_the_outer_graph_stops(tmp_path: Path) -> None:
+    """Control flow is not in the table; a branch reading ``a`` implicitly stops it too."""
+    from onnx import TensorProto, helper
+
+    b = Builder()
+    a = stem(b)
+    cond = b.input("cond", [], TensorProto.BOOL)
+    out = [helper.make_tensor_value_info("branch.out", TensorProto.FLOAT, [1, C, 4, 4])]
+    then_g = helper.make_graph([helper.make_node("Relu", [a], ["branch.out"])], "t", [], out)
+    else_g = helper.make_graph([helper.make_node("Sigmoid", [a], ["branch.out"])], "e", [], out)
+    y = b.node("If", [cond], "y", name="if", then_branch=then_g, else_branch=else_g)
+    head(b, y)
+    sol = b.solve(tmp_path)
+    stops(sol, "unsupported op `If` at node `if`")
+    assert_stopped(group_of(sol, *B_IN), "unsupported op `If` at node `if`")
 
 
 @pytest.mark.parametrize("op", ["NonZero", "TopK"])
