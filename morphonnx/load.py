@@ -264,33 +264,36 @@ def make_nodes(model: onnx.ModelProto) -> list[Node]:
 
 
 def topological(nodes: list[Node], model: onnx.ModelProto) -> list[Node]:
-    """Graph order when it is already topological (the common case), else a stable Kahn sort."""
+    """Graph order when it is already topological (the common case); otherwise a stable sort of
+    the op graph in networkx (nodes in a cycle go last, where ``check_references`` reports them)."""
     available = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
     available.add("")
     done = set(available)
-    ordered = True
     for n in nodes:
         if any(t not in done for t in n.inputs + n.implicit_inputs):
-            ordered = False
             break
         done.update(n.outputs)
-    if ordered:
+    else:
         return nodes
-    pending = list(nodes)
-    result: list[Node] = []
-    done = set(available)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(t in done for t in n.inputs + n.implicit_inputs):
-                result.append(n)
-                done.update(n.outputs)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            break
-        pending = rest
-    return result + pending
+    import networkx
+
+    producer = {out: n.index for n in nodes for out in n.outputs if out}
+    g = networkx.DiGraph()
+    g.add_nodes_from(n.index for n in nodes)
+    g.add_edges_from(
+        (producer[t], n.index) for n in nodes for t in n.inputs + n.implicit_inputs if t in producer
+    )
+    try:
+        order = list(networkx.lexicographical_topological_sort(g))
+    except networkx.NetworkXUnfeasible:
+        cyclic = {i for c in networkx.simple_cycles(g) for i in c}
+        acyclic = g.subgraph(
+            i for i in g if i not in cyclic and not (networkx.ancestors(g, i) & cyclic)
+        )
+        order = list(networkx.lexicographical_topological_sort(acyclic))
+        order += sorted(set(g) - set(order))
+    by_index = {n.index: n for n in nodes}
+    return [by_index[i] for i in order]
 
 
 def check_references(p: Path, model: onnx.ModelProto, nodes: list[Node]) -> None:

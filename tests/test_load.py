@@ -661,3 +661,15 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(morphonnx.load, "read_stripped", denied)  # root ignores chmod 000
     msg = _error(p)
     assert "cannot read" in msg and "Permission denied" in msg
+
+
+def test_nodes_out_of_order_are_sorted(tmp_path: Path) -> None:
+    """A file whose nodes are not in topological order loads sorted, groups and costs intact."""
+    model = _conv_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))  # Relu before the Conv that feeds it
+    g = load_graph(_save(model, tmp_path / "m.onnx"))
+    assert [n.op_type for n in g.nodes] == ["Conv", "Relu"]
+    assert g.shape("y") == (1, 4, 8, 8)
+    assert totals(g, op_costs(g)).macs == 4 * 8 * 8 * 3 * 3 * 3
