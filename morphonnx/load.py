@@ -74,7 +74,7 @@ def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) 
     nodes = make_nodes(model)
     check_references(p, model, nodes)
     constants = find_constants(model, nodes, p, lazy)
-    tensors = infer_tensor_shapes(p, model, fixed, constants)
+    tensors = infer_tensor_shapes(p, model, fixed, constants, [n.index for n in nodes])
     fold_constants(nodes, constants, tensors)
     return Graph(
         model=model,
@@ -419,6 +419,7 @@ def infer_tensor_shapes(
     model: onnx.ModelProto,
     fixed: Mapping[str, Sequence[int]],
     constants: Mapping[str, Constant],
+    order: Sequence[int] | None = None,
 ) -> dict[str, TensorInfo]:
     """Run ONNX shape inference on a weight-free copy of the graph with concrete input shapes."""
     light = onnx.ModelProto()
@@ -431,7 +432,8 @@ def infer_tensor_shapes(
         for c in constants.values()
         if c.kind == "constant_node" and int(np.prod(c.shape)) > SMALL_CONSTANT
     }
-    for n in model.graph.node:
+    protos = model.graph.node
+    for n in (protos[i] for i in order) if order is not None else protos:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
             if n.output[0] in big_constant_nodes:
                 continue  # becomes a typed graph input below
