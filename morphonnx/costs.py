@@ -14,10 +14,9 @@ running the same functions on the shrunk shapes (``shape_of``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from morphonnx.devices import Device
 from morphonnx.graph import Graph, Node, Shape
@@ -75,7 +74,7 @@ class Totals:
 def _numel(shape: Shape | None) -> int:
     if shape is None or any(d < 0 for d in shape):
         return 0
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 def node_macs(node: Node, shape_of: ShapeOf) -> int:

@@ -1,12 +1,13 @@
 """The model as a graph: ops as nodes, tensors as edges carrying shape and dtype.
 
-Everything downstream (channel rules, costs, pruning) reads the model through this one structure, so
-the quirks of ONNX (unnamed nodes, weights hidden in ``Constant`` / ``ConstantOfShape`` nodes or behind
-foldable ops such as ``Unsqueeze``, subgraphs reading outer tensors) are resolved here once.
+Everything downstream (channel rules, costs, pruning) reads the model through this one structure,
+so the quirks of ONNX (unnamed nodes, weights hidden in ``Constant`` / ``ConstantOfShape`` nodes or
+behind foldable ops such as ``Unsqueeze``, subgraphs reading outer tensors) are resolved here once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,7 +40,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape)) if self.shape is not None and self.known else 0
+        return math.prod(self.shape) if self.shape is not None and self.known else 0
 
     @property
     def itemsize(self) -> int:
@@ -153,7 +154,7 @@ class Graph:
     def small_value(self, name: str, limit: int = 4096) -> np.ndarray | None:
         """Values of a small constant (shape vectors, axes, pads), or None when not constant."""
         c = self.constants.get(name)
-        if c is None or int(np.prod(c.shape)) > limit:
+        if c is None or math.prod(c.shape) > limit:
             return None
         return self.value(name)
 
