@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from morphonnx.errors import MorphonnxError
 
@@ -48,8 +49,16 @@ def _model_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the contract's one-line errors (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        flat = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {flat} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="morphonnx",
         description="MorphNet-style structure learning for ONNX models: costs and channel groups "
         "(analyze), the group spec for training adapters (spec), alive/dead channels from trained "
@@ -99,9 +108,36 @@ def _analysis(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_output(args: argparse.Namespace, out: str) -> None:
-    if Path(out).resolve() == Path(args.model).resolve():
-        raise MorphonnxError(f"{out}: refusing to overwrite the input model")
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(args: argparse.Namespace, *outs: str | None) -> None:
+    """Before any work: every output goes to an existing folder, is not a folder itself, and
+    overwrites neither an input of the command (model, spec, mask, device profile) nor another
+    output, so a failed or mistyped command never destroys a file the user still needs."""
+    inputs = [("input model", args.model)]
+    inputs += [("spec", getattr(args, "spec", None)), ("mask", getattr(args, "mask", None))]
+    inputs += [("device profile", d) for d in getattr(args, "device", None) or []]
+    given = [o for o in outs if o]
+    for i, out in enumerate(given):
+        target = Path(out)
+        for what, name in inputs:
+            if name and _same_file(target, Path(name)):
+                raise MorphonnxError(f"{out}: refusing to overwrite the {what}")
+        for other in given[:i]:
+            if _same_file(target, Path(other)):
+                raise MorphonnxError(f"{out}: the same file is given for two outputs")
+        if target.is_dir():
+            raise MorphonnxError(f"{out}: is a folder, expected a file name")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise MorphonnxError(f"{out}: folder {parent} does not exist")
 
 
 def cmd_analyze(args: argparse.Namespace, console: Any) -> None:
@@ -109,10 +145,12 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.formats import write_json
     from morphonnx.report import print_analysis
 
+    if args.top < 0:
+        raise MorphonnxError(f"--top must be 0 or more, got {args.top}")
+    _check_outputs(args, args.json)
     a = _analysis(args)
     print_analysis(console, a, args.top)
     if args.json:
-        _check_output(args, args.json)
         write_json(args.json, report_json(a))
         console.print(f"wrote {args.json}")
 
@@ -121,7 +159,7 @@ def cmd_spec(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.formats import write_json
     from morphonnx.spec import build_spec
 
-    _check_output(args, args.output)
+    _check_outputs(args, args.output)
     a = _analysis(args)
     spec = build_spec(a)
     write_json(args.output, spec)
@@ -138,7 +176,11 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.report import plot_values, print_mask
     from morphonnx.spec import read_spec
 
-    _check_output(args, args.output)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise MorphonnxError(f"--threshold must be a finite number, got {args.threshold}")
+    if not 0.0 <= args.l1_fraction <= 1.0:
+        raise MorphonnxError(f"--l1-fraction must be between 0 and 1, got {args.l1_fraction}")
+    _check_outputs(args, args.output, args.plot)
     a = _analysis(args)
     spec = read_spec(args.spec, a.fingerprint)
     values = group_values(a, spec, args.kind, args.l1_fraction)
@@ -165,6 +207,9 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
     from morphonnx.analysis import analyze
     from morphonnx.formats import write_json
     from morphonnx.mask import load_mask
@@ -172,15 +217,23 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.report import print_verification, totals_table
     from morphonnx.verify import verify
 
-    _check_output(args, args.output)
+    _check_outputs(args, args.output, args.structure)
     a = _analysis(args)
     keep = load_mask(a, args.mask)
     _, predicted = a.predict(keep)
     layers = structure(a, keep)
     pruned = prune_model(a, keep)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in pruned.graph.initializer):
+        # weights the rewrite left alone still point at the input's external data: bring them in,
+        # so verification (which saves the model elsewhere) and both saves below see them
+        load_external_data_for_model(pruned, str(a.graph.path.absolute().parent))
     tmp = Path(args.output).with_name(f".{Path(args.output).name}.unverified.onnx")
     try:
-        save_model(pruned, tmp, a.graph.path)
+        # a copy: saving with external data (huge models) moves the weights out of the proto
+        scratch = onnx.ModelProto()
+        scratch.CopyFrom(pruned)
+        save_model(scratch, tmp, a.graph.path)
+        del scratch
         check_pruned(tmp, args.output)
         if not args.no_verify:
             v = verify(_analysis(args), keep, pruned)
@@ -190,12 +243,16 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
                     f"{args.output}: pruned model differs from the masked original "
                     f"({v.failures[0]}); nothing written"
                 )
-        after = analyze(tmp, batch=args.batch, input_shapes=dict(args.input_shape), devices=a.devices)
+        after = analyze(
+            tmp, batch=args.batch, input_shapes=dict(args.input_shape), devices=a.devices
+        )
         save_model(pruned, args.output, a.graph.path)
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             leftover.unlink(missing_ok=True)
-    console.print(totals_table("Before and after", [("before", a.totals), ("after", after.totals)], a.devices))
+    console.print(
+        totals_table("Before and after", [("before", a.totals), ("after", after.totals)], a.devices)
+    )
     if after.totals.macs != predicted.macs or after.totals.params != predicted.params:
         console.print("[yellow]note: costs differ from the mask's prediction[/yellow]")
     if args.structure:

@@ -72,18 +72,38 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise MorphonnxError(f"{target}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    if target.is_dir():
+        raise MorphonnxError(f"{target}: is a folder, expected a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise MorphonnxError(f"{target}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise MorphonnxError(f"{target}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
+    text = json.dumps(data, indent=1) + "\n"
+
+    def write(p: Path) -> None:
+        p.write_text(text)
+
+    atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, Any]:

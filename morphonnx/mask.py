@@ -55,6 +55,16 @@ def group_values(
                 "of this model"
             )
         tensors = {n: a.graph.value(n).astype(np.float64) for n in names}
+        for s in reg["gammas"] + reg["weights"]:
+            shape = tensors[s["tensor"]].shape
+            if not (
+                0 <= s["axis"] < len(shape)
+                and all(0 <= i < shape[s["axis"]] for p in s["positions"] for i in p)
+            ):
+                raise MorphonnxError(
+                    f"{a.graph.path}: spec positions of '{s['tensor']}' (group {g['id']}) do not "
+                    f"fit its shape {list(shape)}"
+                )
         vec = group_vector(NUMPY, g, tensors, kind, l1_fraction)
         if vec is not None:
             values[g["id"]] = np.asarray(vec)
@@ -67,14 +77,16 @@ def auto_threshold(values: dict[str, np.ndarray]) -> tuple[float, str]:
     With no gap of at least half a decade the distribution is not bimodal (training has not
     separated dead from alive channels): the threshold then keeps everything, and says so.
     """
-    allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()])) if values else []
+    allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()]) if values else [])
+    # below every value (values are magnitudes, >= 0): a channel lives when value > threshold
+    keep_all = float(allv[0]) * 0.5 if len(allv) and allv[0] > 0 else -1.0
     if len(allv) < 2:
-        return 0.0, "too few channels to pick a threshold; keeping all"
+        return keep_all, "too few channels to pick a threshold; keeping all"
     logs = np.log10(np.maximum(allv, 1e-12))
     gaps = np.diff(logs)
     i = int(np.argmax(gaps))
     if gaps[i] < 0.5:
-        return float(allv[0]) * 0.5, (
+        return keep_all, (
             f"no gap of half a decade in the values (widest {gaps[i]:.2f} decades); keeping all"
         )
     t = float(10 ** ((logs[i] + logs[i + 1]) / 2))

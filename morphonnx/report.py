@@ -31,7 +31,9 @@ def seconds(s: float) -> str:
     return f"{s / 1e-9:.3g} ns"
 
 
-def totals_table(title: str, rows: Sequence[tuple[str, Totals]], devices: Sequence[Device]) -> Table:
+def totals_table(
+    title: str, rows: Sequence[tuple[str, Totals]], devices: Sequence[Device]
+) -> Table:
     t = Table(title=title)
     t.add_column("")
     for name, _ in rows:
@@ -83,7 +85,9 @@ def groups_table(a: Analysis) -> Table:
 def print_analysis(console: Console, a: Analysis, top: int) -> None:
     g = a.graph
     inputs = ", ".join(f"{n} {list(g.shape(n) or ())}" for n in g.inputs)
-    console.print(f"[bold]{g.path}[/bold]  opset {g.opset}, {len(g.nodes):,} nodes, inputs: {inputs}")
+    console.print(
+        f"[bold]{g.path}[/bold]  opset {g.opset}, {len(g.nodes):,} nodes, inputs: {inputs}"
+    )
     console.print(totals_table("Totals", [("model", a.totals)], a.devices))
     console.print(top_table(a.costs, a.devices, top))
     console.print(groups_table(a))
@@ -125,7 +129,11 @@ def print_mask(
         t.add_row(g.id, f"{kept}{mark}", str(g.channels), producers[:60])
     t.add_row("total", str(total_kept), str(total), "")
     console.print(t)
-    console.print(totals_table("Costs before and after", [("before", a.totals), ("after", predicted)], a.devices))
+    console.print(
+        totals_table(
+            "Costs before and after", [("before", a.totals), ("after", predicted)], a.devices
+        )
+    )
 
 
 def print_verification(console: Console, v: Verification) -> None:
@@ -146,7 +154,9 @@ def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MorphonnxError(f"{path}: --plot needs matplotlib (pip install morphonnx[plot])") from None
+        raise MorphonnxError(
+            f"{path}: --plot needs matplotlib (pip install morphonnx[plot])"
+        ) from None
     allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.semilogy(np.maximum(allv, 1e-12), ".", markersize=2)

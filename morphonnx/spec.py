@@ -63,9 +63,7 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
     ``pair`` ops cost ``coeff * A_in * A_out``; ``depthwise`` ops cost ``coeff * A_out``, where
     ``A`` of a side is ``static + sum(per_channel * alive(group))``. Coefficients include the batch.
     """
-    gid_of = {
-        int(lab): g.id for g in a.solution.groups if g.prunable for lab in g.labels.tolist()
-    }
+    gid_of = {int(lab): g.id for g in a.solution.groups if g.prunable for lab in g.labels.tolist()}
     by_key = a.solution.channels.by_key
     terms = []
     for node in a.graph.nodes:
@@ -157,4 +155,40 @@ def read_spec(path: str | os.PathLike[str], fp: str | None = None) -> dict[str, 
             f"{path}: spec was made for another model (fingerprint "
             f"{spec['model'].get('fingerprint')} != {fp})"
         )
+    for i, g in enumerate(spec["groups"]):
+        problem = _group_problem(g)
+        if problem:
+            gid = g.get("id") if isinstance(g, dict) else None
+            raise MorphonnxError(f"{path}: group {gid or i} of the spec is malformed ({problem})")
     return spec
+
+
+def _group_problem(g: Any) -> str | None:
+    """What is wrong with one spec group entry (the fields ``mask`` reads), or None."""
+    if not isinstance(g, dict):
+        return "not an object"
+    if not isinstance(g.get("id"), str) or not isinstance(g.get("prunable"), bool):
+        return "needs 'id' and 'prunable'"
+    if not isinstance(g.get("channels"), int) or g["channels"] < 1:
+        return "needs a positive 'channels'"
+    reg = g.get("regularize")
+    if not isinstance(reg, dict):
+        return "needs 'regularize'"
+    for key in ("gammas", "weights"):
+        entries = reg.get(key)
+        if not isinstance(entries, list):
+            return f"needs 'regularize.{key}'"
+        for e in entries:
+            if not (
+                isinstance(e, dict)
+                and isinstance(e.get("tensor"), str)
+                and isinstance(e.get("axis"), int)
+                and isinstance(e.get("positions"), list)
+                and len(e["positions"]) == g["channels"]
+                and all(
+                    isinstance(p, list) and p and all(isinstance(i, int) for i in p)
+                    for p in e["positions"]
+                )
+            ):
+                return f"bad entry in 'regularize.{key}'"
+    return None
