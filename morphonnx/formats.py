@@ -7,6 +7,7 @@ freely, never rename or drop one without bumping the format version.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx.numpy_helper
 
 from morphonnx.errors import MorphonnxError
 
@@ -25,9 +27,17 @@ VERSION = 1
 
 def fingerprint(model: onnx.ModelProto) -> str:
     """A hash of the graph's structure, never of weight values: op types, attributes, tensor
-    names, declared shapes and dtypes, initializer names/shapes/dtypes. A spec made before training
-    therefore matches the export after training, and nothing else."""
+    names, declared shapes and dtypes, initializer names/shapes/dtypes, and the values of small
+    integer constants (Reshape targets, Slice bounds, axes: structure, not weights). A spec made
+    before training therefore matches the export after training, and nothing else."""
     h = hashlib.sha256()
+
+    def structural(t: onnx.TensorProto) -> tuple[object, ...]:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type else None
+        small = dtype is not None and dtype.kind in "iub" and math.prod(t.dims) <= 64
+        small = small and t.data_location != onnx.TensorProto.EXTERNAL
+        values = onnx.numpy_helper.to_array(t).reshape(-1).tolist() if small else ()
+        return (t.data_type, *t.dims, "=", values)
 
     def put(*parts: object) -> None:
         for p in parts:
@@ -40,13 +50,13 @@ def fingerprint(model: onnx.ModelProto) -> str:
             for a in n.attribute:
                 attribute(a)
         for t in g.initializer:
-            put("init", t.name, t.data_type, *t.dims)
+            put("init", t.name, *structural(t))
         for vi in list(g.input) + list(g.output):
             put("io", vi.name, vi.type.SerializeToString())
 
     def attribute(a: onnx.AttributeProto) -> None:
         if a.type == onnx.AttributeProto.TENSOR:
-            put("attr", a.name, a.t.data_type, *a.t.dims)
+            put("attr", a.name, *structural(a.t))
         elif a.type == onnx.AttributeProto.GRAPH:
             put("attr", a.name)
             graph(a.g)
@@ -55,7 +65,7 @@ def fingerprint(model: onnx.ModelProto) -> str:
             for g in a.graphs:
                 graph(g)
         elif a.type == onnx.AttributeProto.TENSORS:
-            put("attr", a.name, *[(t.data_type, tuple(t.dims)) for t in a.tensors])
+            put("attr", a.name, *[structural(t) for t in a.tensors])
         else:
             put("attr", a.name, onnx.helper.get_attribute_value(a))
 

@@ -223,3 +223,23 @@ def test_read_mask_refuses_malformed_entries(tmp_path: Path, doc: dict[str, obje
     path.write_text(json.dumps({"format": MASK_FORMAT, "version": VERSION, **doc}))
     with pytest.raises(MorphonnxError, match="m.json"):
         read_mask(path)
+
+
+def test_fingerprint_sees_small_integer_constants() -> None:
+    """A Reshape target is structure: a model reshaping to another shape is another model."""
+
+    def reshape_model(target: list[int]) -> onnx.ModelProto:
+        shape = numpy_helper.from_array(np.array(target, dtype=np.int64), "shape")
+        node = helper.make_node("Reshape", ["x", "shape"], ["y"])
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [shape],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert fingerprint(reshape_model([1, 16])) != fingerprint(reshape_model([1, 4, 4]))
+    assert fingerprint(reshape_model([1, 16])) != fingerprint(reshape_model([16, 1]))
+    assert fingerprint(reshape_model([1, 16])) == fingerprint(reshape_model([1, 16]))
