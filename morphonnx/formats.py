@@ -7,8 +7,8 @@ freely, never rename or drop one without bumping the format version.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
