@@ -50,7 +50,12 @@ class Analysis:
         """Costs of the model pruned with ``mask``: the same cost model on the shrunk shapes."""
         shape_of = self.shrunk_shapes(mask)
         costs = op_costs(self.graph, shape_of)
-        return costs, totals(self.graph, costs, self.devices, shape_of)
+        sliced = {  # folded weights that lose slices are written as initializers of their own
+            s.tensor
+            for s in self.solution.channels.slots
+            if s.const and shape_of(s.tensor) != self.graph.shape(s.tensor)
+        }
+        return costs, totals(self.graph, costs, self.devices, shape_of, sliced)
 
 
 def analyze(

@@ -15,7 +15,7 @@ running the same functions on the shrunk shapes (``shape_of``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from morphonnx.devices import Device
@@ -121,12 +121,13 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
     return result
 
 
-def weight_tensors(graph: Graph) -> list[str]:
+def weight_tensors(graph: Graph, stored: Collection[str] = ()) -> list[str]:
     """Distinct floating-point constants stored in the model that feed a computation.
 
     A folded constant (``Unsqueeze``/``Transpose``/``Mul``... of weights) stands for the stored
     constants it is computed from, so a weight read both directly and through such a view (tied
-    embeddings: ``Gather(W)`` and ``MatMul(x, Transpose(W))``) counts once.
+    embeddings: ``Gather(W)`` and ``MatMul(x, Transpose(W))``) counts once. Folded constants in
+    ``stored`` count as themselves: ``prune`` writes the ones it slices as initializers.
     """
     used: dict[str, None] = {}
     visited: set[str] = set()
@@ -139,7 +140,8 @@ def weight_tensors(graph: Graph) -> list[str]:
                 continue
             visited.add(name)
             c = graph.constants[name]
-            producer = graph.by_name.get(c.node or "") if c.kind == "folded" else None
+            folded = c.kind == "folded" and name not in stored
+            producer = graph.by_name.get(c.node or "") if folded else None
             if producer is None:
                 used.setdefault(name, None)
             else:
@@ -159,10 +161,12 @@ def totals(
     costs: list[OpCost],
     devices: Iterable[Device] = (),
     shape_of: ShapeOf | None = None,
+    stored: Collection[str] = (),
 ) -> Totals:
-    """Sum ``costs`` (from :func:`op_costs`) over the graph, with latency on each device."""
+    """Sum ``costs`` (from :func:`op_costs`) over the graph, with latency on each device.
+    ``stored``: folded constants that count as stored weights (see :func:`weight_tensors`)."""
     shape = shape_of or graph.shape
-    weights = weight_tensors(graph)
+    weights = weight_tensors(graph, stored)
     params = sum(_numel(shape(t)) for t in weights)
     wbytes = sum(_numel(shape(t)) * graph.info(t).itemsize for t in weights)
     return Totals(

@@ -11,6 +11,7 @@ channels are removed (``group`` of depthwise convs, Reshape targets, Split sizes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,8 +147,8 @@ def elementwise(ctx: RuleContext) -> None:
                 f"(axis {own}) onto axis {own + rank - ctx.rank(t)} of `{out}`",
             )
             ctx.stop(y, f"channel axes of the inputs of {ctx.node.op_type} at {ctx.where()} differ")
-        if dim == 1 and size != 1:
-            continue
+        if local < 0 or (dim == 1 and size != 1):
+            continue  # broadcast along the channel axis: ties nothing
         if ctx.is_const(t):
             ctx.same(y, ctx.weight(t, local, role))
         else:
@@ -270,24 +271,20 @@ def reshape_map(
     a stride after an NHWC flatten), or None when the channel axis is split across several axes.
     """
     c = in_shape[a]
-    outer = int(np.prod(in_shape[:a], dtype=np.int64))
-    inner = int(np.prod(in_shape[a + 1 :], dtype=np.int64))
-    acc = 1
-    for b, d in enumerate(out_shape):  # noqa: B007 (b is used after the loop)
-        if acc * d >= outer * c:
-            break
-        acc *= d
-    else:
+    outer = math.prod(in_shape[:a])
+    inner = math.prod(in_shape[a + 1 :])
+    fits = []  # output axes b where outer x channel x inner splits as before(b) | o*c*i | after(b)
+    for b, d in enumerate(out_shape):
+        before, after = math.prod(out_shape[:b]), math.prod(out_shape[b + 1 :])
+        if before and after and not outer % before and not inner % after:
+            if d == (outer // before) * c * (inner // after):
+                fits.append(b)
+    if not fits:
         return None
-    if acc == 0 or outer % acc:
-        return None
-    o = outer // acc
-    rest = int(np.prod(out_shape[b + 1 :], dtype=np.int64))
-    if rest == 0 or inner % rest:
-        return None
-    i = inner // rest
-    if out_shape[b] != o * c * i:
-        return None
+    # with one channel several axes fit: prefer the same axis, then a real (non-1) axis
+    b = a if a in fits else next((f for f in fits if out_shape[f] > 1), fits[0])
+    o = outer // math.prod(out_shape[:b])
+    i = inner // math.prod(out_shape[b + 1 :])
     pos = (
         np.arange(o)[None, :, None] * (c * i)
         + np.arange(c)[:, None, None] * i
