@@ -11,6 +11,7 @@ channels are removed (``group`` of depthwise convs, Reshape targets, Split sizes
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,25 +65,34 @@ def _mixes(ctx: RuleContext, what: str) -> None:
     ctx.stop_all(f"{ctx.node.op_type} at {ctx.where()} {what}")
 
 
+def follows_input(rule: Callable[[RuleContext, str, int], None]) -> ChannelRule:
+    """For rules about the channels of input 0 (``x``, channel axis ``a``): when ``x`` carries no
+    channels, neither do the outputs, for the same reason."""
+
+    @functools.wraps(rule)
+    def wrapped(ctx: RuleContext) -> None:
+        x = ctx.input(0)
+        a = ctx.axis(x)
+        if a is None:
+            ctx.no_channels(ctx.inherit_why())
+            return
+        rule(ctx, x, a)
+
+    return wrapped
+
+
 # --- rules -----------------------------------------------------------------------------------
 
 
-def unary(ctx: RuleContext) -> None:
+@follows_input
+def unary(ctx: RuleContext, x: str, a: int) -> None:
     """Element-wise on one activation (activations, Cast, Identity, Dropout, Clip, ...)."""
-    a = ctx.axis(ctx.input(0))
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     _passthrough(ctx, a)
 
 
-def channel_first(ctx: RuleContext) -> None:
+@follows_input
+def channel_first(ctx: RuleContext, x: str, a: int) -> None:
     """Ops that treat axis 1 as channels and act per channel (pooling)."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     if a != 1:
         _mixes(ctx, f"pools over axis {a}, where the channels of `{x}` are")
         return
@@ -293,13 +303,10 @@ def reshape_map(
     return b, pos
 
 
-def reshape(ctx: RuleContext) -> None:
+@follows_input
+def reshape(ctx: RuleContext, x: str, a: int) -> None:
     """Reshape / Flatten / Squeeze / Unsqueeze: follow the channel axis through the new shape."""
-    x, out = ctx.input(0), ctx.outputs[0]
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+    out = ctx.outputs[0]
     found = reshape_map(ctx.shape(x), a, ctx.shape(out))
     if found is None:
         _mixes(ctx, f"splits the channel axis of `{x}` ({ctx.shape(x)} -> {ctx.shape(out)})")
@@ -308,12 +315,8 @@ def reshape(ctx: RuleContext) -> None:
     ctx.tie(ctx.ch.by_key[(x, a)], np.arange(pos.shape[0])[:, None], ctx.out(out, b), pos)
 
 
-def transpose(ctx: RuleContext) -> None:
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+@follows_input
+def transpose(ctx: RuleContext, x: str, a: int) -> None:
     perm = ctx.node.attr("perm") or list(reversed(range(ctx.rank(x))))
     ctx.same(ctx.ch.by_key[(x, a)], ctx.out(ctx.outputs[0], list(perm).index(a)))
 
@@ -342,13 +345,9 @@ def concat(ctx: RuleContext) -> None:
         offset += n
 
 
-def split(ctx: RuleContext) -> None:
+@follows_input
+def split(ctx: RuleContext, x: str, a: int) -> None:
     """Split along the channel axis: output j owns input channels offset_j .. offset_j+C_j-1."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     axis = int(ctx.node.attr("axis", 0)) % ctx.rank(x)
     if axis != a:
         _passthrough(ctx, a)
@@ -362,13 +361,9 @@ def split(ctx: RuleContext) -> None:
         offset += n
 
 
-def slice_(ctx: RuleContext) -> None:
+@follows_input
+def slice_(ctx: RuleContext, x: str, a: int) -> None:
     """Slice: on the channel axis (step 1), output channel i is input channel start+i."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     rank = ctx.rank(x)
     starts = _ints(ctx, "starts", 1)
     axes = _ints(ctx, "axes", 3)
@@ -396,13 +391,10 @@ def slice_(ctx: RuleContext) -> None:
     )
 
 
-def gather(ctx: RuleContext) -> None:
+@follows_input
+def gather(ctx: RuleContext, x: str, a: int) -> None:
     """Gather off the channel axis passes channels on; on the channel axis it picks channels."""
-    x, idx = ctx.input(0), ctx.input(1)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+    idx = ctx.input(1)
     axis = int(ctx.node.attr("axis", 0)) % ctx.rank(x)
     if axis == a:
         _mixes(ctx, "gathers along the channel axis")
@@ -411,13 +403,9 @@ def gather(ctx: RuleContext) -> None:
     ctx.same(ctx.ch.by_key[(x, a)], ctx.out(ctx.outputs[0], a + shift))
 
 
-def pad(ctx: RuleContext) -> None:
+@follows_input
+def pad(ctx: RuleContext, x: str, a: int) -> None:
     """Pad passes channels on unless it pads the channel axis."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     pads = _ints(ctx, "pads", 1)
     rank = ctx.rank(x)
     axes = _ints(ctx, "axes", 3) if len(ctx.inputs) > 3 else None
@@ -433,26 +421,20 @@ def pad(ctx: RuleContext) -> None:
     _passthrough(ctx, a)
 
 
-def resize(ctx: RuleContext) -> None:
+@follows_input
+def resize(ctx: RuleContext, x: str, a: int) -> None:
     """Resize / Upsample pass channels on when the channel axis keeps its size."""
-    x, out = ctx.input(0), ctx.outputs[0]
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+    out = ctx.outputs[0]
     if ctx.shape(out)[a] != ctx.shape(x)[a]:
         _mixes(ctx, "rescales the channel axis")
         return
     _passthrough(ctx, a)
 
 
-def expand(ctx: RuleContext) -> None:
+@follows_input
+def expand(ctx: RuleContext, x: str, a: int) -> None:
     """Expand / Tile: channels pass when the channel axis is not repeated."""
-    x, out = ctx.input(0), ctx.outputs[0]
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+    out = ctx.outputs[0]
     b = a + ctx.rank(out) - ctx.rank(x)
     if ctx.shape(out)[b] != ctx.shape(x)[a]:
         _mixes(ctx, "repeats the channel axis")
@@ -460,14 +442,10 @@ def expand(ctx: RuleContext) -> None:
     ctx.same(ctx.ch.by_key[(x, a)], ctx.out(out, b))
 
 
-def reduce(ctx: RuleContext) -> None:
+@follows_input
+def reduce(ctx: RuleContext, x: str, a: int) -> None:
     """Reductions over other axes (global pooling as ReduceMean) pass channels; over the channel
     axis they mix them."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     rank = ctx.rank(x)
     axes = _ints(ctx, "axes", 1)
     if axes is None and ctx.input(1):
@@ -487,12 +465,8 @@ def reduce(ctx: RuleContext) -> None:
     ctx.same(ctx.ch.by_key[(x, a)], ctx.out(ctx.outputs[0], b))
 
 
-def arg_reduce(ctx: RuleContext) -> None:
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+@follows_input
+def arg_reduce(ctx: RuleContext, x: str, a: int) -> None:
     axis = int(ctx.node.attr("axis", 0)) % ctx.rank(x)
     if axis == a:
         _mixes(ctx, "reduces over the channel axis")
@@ -501,13 +475,9 @@ def arg_reduce(ctx: RuleContext) -> None:
     ctx.same(ctx.ch.by_key[(x, a)], ctx.out(ctx.outputs[0], a if keep or a < axis else a - 1))
 
 
-def softmax(ctx: RuleContext) -> None:
+@follows_input
+def softmax(ctx: RuleContext, x: str, a: int) -> None:
     """Softmax-like ops mix the axes they normalize (from ``axis`` on, before opset 13)."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     rank = ctx.rank(x)
     if ctx.graph.opset >= 13:
         axis = int(ctx.node.attr("axis", -1)) % rank
@@ -521,50 +491,34 @@ def softmax(ctx: RuleContext) -> None:
     _passthrough(ctx, a)
 
 
-def layer_norm(ctx: RuleContext) -> None:
+@follows_input
+def layer_norm(ctx: RuleContext, x: str, a: int) -> None:
     """LayerNormalization mixes the axes from ``axis`` on; other axes pass."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     if a >= int(ctx.node.attr("axis", -1)) % ctx.rank(x):
         _mixes(ctx, "normalizes over the channel axis (channels mix)")
         return
     _passthrough(ctx, a, ctx.outputs[:1])
 
 
-def lp_norm(ctx: RuleContext) -> None:
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+@follows_input
+def lp_norm(ctx: RuleContext, x: str, a: int) -> None:
     if int(ctx.node.attr("axis", -1)) % ctx.rank(x) == a:
         _mixes(ctx, "normalizes over the channel axis (channels mix)")
         return
     _passthrough(ctx, a)
 
 
-def mvn(ctx: RuleContext) -> None:
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
+@follows_input
+def mvn(ctx: RuleContext, x: str, a: int) -> None:
     if a in [v % ctx.rank(x) for v in ctx.node.attr("axes", [0, 2, 3])]:
         _mixes(ctx, "normalizes over the channel axis (channels mix)")
         return
     _passthrough(ctx, a)
 
 
-def quantize(ctx: RuleContext) -> None:
+@follows_input
+def quantize(ctx: RuleContext, x: str, a: int) -> None:
     """(De)QuantizeLinear: per-channel scale and zero point are members when on the channel axis."""
-    x = ctx.input(0)
-    a = ctx.axis(x)
-    if a is None:
-        ctx.no_channels(ctx.inherit_why())
-        return
     src = ctx.ch.by_key[(x, a)]
     axis = int(ctx.node.attr("axis", 1)) % ctx.rank(x)
     for t in ctx.inputs[1:3]:
