@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnxruntime as ort
+from light_models import names_read
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["constant_shapes", "count_macs_params", "run_all_tensors"]
@@ -174,17 +175,6 @@ def run_all_tensors(
 # --------------------------------------------------------------------------- #
 # counting
 # --------------------------------------------------------------------------- #
-def _names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    """Tensor names read by ``nodes``, including from inside their subgraphs."""
-    names: set[str] = set()
-    for n in nodes:
-        names.update(x for x in n.input if x)
-        for a in n.attribute:
-            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                names |= _names_read(sg.node) | {o.name for o in sg.output}
-    return names
-
-
 def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
     for a in node.attribute:
         if a.name == name:
@@ -285,7 +275,7 @@ def count_macs_params(
             macs_by_op[op] = macs_by_op.get(op, 0) + int(macs)
 
     # -- params ---------------------------------------------------------------
-    read = _names_read(g.node)
+    read = names_read(g.node)
     params = sum(
         _prod(shape) for name, (shape, et) in consts.items() if et in _FLOAT_TYPES and name in read
     )

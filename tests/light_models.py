@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -91,15 +92,14 @@ def _final_uses(
     return uses
 
 
-def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
+def names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
     """Tensor names read by ``nodes``, including from inside their subgraphs."""
     names: set[str] = set()
     for n in nodes:
         names.update(x for x in n.input if x)
         for a in n.attribute:
-            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
-            for sg in subs:
-                names |= _names_read(list(sg.node)) | {o.name for o in sg.output}
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                names |= names_read(sg.node) | {o.name for o in sg.output}
     return names
 
 
@@ -200,7 +200,7 @@ def materialize_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProt
 
     # Drop the shape constants of replaced nodes that nobody reads any more
     # (other dead tensors are left alone).
-    used = _names_read(new_nodes) | {o.name for o in g.output}
+    used = names_read(new_nodes) | {o.name for o in g.output}
     dead = shape_names - used
     kept_nodes = [
         n for n in new_nodes if not (n.op_type == "Constant" and n.output and n.output[0] in dead)
