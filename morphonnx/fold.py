@@ -1,9 +1,10 @@
 """Constant folding of the small subgraphs exporters put between a weight and its use.
 
 Old exporters and tf2onnx wrap per-channel weights in ``Unsqueeze`` / ``Reshape`` / ``Cast`` or
-compute them (``gamma / sqrt(var + eps)``). A node whose inputs are all constants and whose op is in
-this table yields a *folded* constant: a weight in its own right, with its own name, sliced and written
-as an initializer by ``prune``. Values are computed with numpy only when needed (never by analyze).
+compute them (``gamma / sqrt(var + eps)``). A node whose inputs are all constants and whose op is
+in this table yields a *folded* constant: a weight in its own right, with its own name, sliced and
+written as an initializer by ``prune``. Values are computed with numpy only when needed (never
+by analyze).
 """
 
 from __future__ import annotations

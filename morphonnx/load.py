@@ -22,7 +22,6 @@ from onnx import helper, numpy_helper
 
 from morphonnx.errors import MorphonnxError
 from morphonnx.fold import FOLDS
-from morphonnx.protoscan import LazyWeights, read_stripped
 from morphonnx.graph import (
     Constant,
     Graph,
@@ -33,6 +32,7 @@ from morphonnx.graph import (
     constant_node_value,
     subgraph_outer_inputs,
 )
+from morphonnx.protoscan import LazyWeights, read_stripped
 
 SMALL_CONSTANT = 1024
 """Constants up to this many elements stay in the shape-inference copy (shape vectors, axes)."""
@@ -362,11 +362,11 @@ def find_constants(
             if shape_value is None:
                 continue
             fill = n.attr("value")
-            dtype = _np_dtype(fill.data_type) if fill is not None else np.dtype(np.float32)
+            fill_dtype = _np_dtype(fill.data_type) if fill is not None else np.dtype(np.float32)
             shape = tuple(int(d) for d in np.asarray(shape_value).reshape(-1))
-            if dtype is None or any(d < 0 for d in shape):
+            if fill_dtype is None or any(d < 0 for d in shape):
                 continue  # not a well-formed constant; shape inference decides what it is
-            constants[out] = Constant(out, "constant_of_shape", shape, dtype, node=n.name)
+            constants[out] = Constant(out, "constant_of_shape", shape, fill_dtype, node=n.name)
     return constants
 
 

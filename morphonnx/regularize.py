@@ -2,9 +2,9 @@
 
 The functions take the group spec, the tensors it names (numpy arrays, torch tensors, ...) and a
 tiny :class:`ArrayOps` of the few array functions whose spelling differs between frameworks. The
-core uses :data:`NUMPY` (``morphonnx mask``); adapters pass their own, so the formulas below are the
-only copy. Formulas (anchors.md): with ``A`` the alive count of a side (no gradient) and ``R`` the sum
-of its regularization vector, a ``pair`` op costs ``coeff * A_in * A_out`` with loss
+core uses :data:`NUMPY` (``morphonnx mask``); adapters pass their own, so the formulas below are
+the only copy. Formulas (anchors.md): with ``A`` the alive count of a side (no gradient) and ``R``
+the sum of its regularization vector, a ``pair`` op costs ``coeff * A_in * A_out`` with loss
 ``coeff * (A_in * R_out + A_out * R_in)``; a ``depthwise`` op costs ``coeff * A_out`` with loss
 ``coeff * (R_in + R_out)``.
 """
@@ -33,6 +33,7 @@ class ArrayOps:
     amax: Callable[[Any, int], Any]  # max over one axis
     maximum: Callable[[Any, Any], Any]  # element-wise max
     count: Callable[[Any], float]  # number of true entries, as a plain float (no gradient)
+    index: Callable[[list[list[int]]], Any] | None = None  # positions -> index (None: numpy)
 
 
 NUMPY = ArrayOps(
@@ -69,11 +70,13 @@ def group_vector(
     if kind == "gamma":
         for g in reg["gammas"]:
             rows = ops.rows(tensors[g["tensor"]], g["axis"])
-            sources.append(ops.amax(abs(ops.take(rows, positions_index(g["positions"]))), 2))
+            sources.append(
+                ops.amax(abs(ops.take(rows, (ops.index or positions_index)(g["positions"]))), 2)
+            )
     if not sources:
         for w in reg["weights"]:
             rows = ops.rows(tensors[w["tensor"]], w["axis"])
-            picked = ops.take(rows, positions_index(w["positions"]))
+            picked = ops.take(rows, (ops.index or positions_index)(w["positions"]))
             norm = (picked * picked).mean(2) ** 0.5
             if l1_fraction:
                 norm = (1 - l1_fraction) * norm + l1_fraction * abs(picked).mean(2)
@@ -98,9 +101,7 @@ def source_tensors(spec: Mapping[str, Any], kind: str) -> list[str]:
     return names
 
 
-def select_groups(
-    spec: Mapping[str, Any], exclude: Iterable[str] = ()
-) -> list[Mapping[str, Any]]:
+def select_groups(spec: Mapping[str, Any], exclude: Iterable[str] = ()) -> list[Mapping[str, Any]]:
     """Prunable groups, less those whose id matches one of the ``exclude`` regexes."""
     patterns = [re.compile(p) for p in exclude]
     return [
@@ -116,7 +117,13 @@ class Side:
     reg: Any  # R: differentiable sum of the side's regularization vectors
 
 
-def _side(ops: ArrayOps, side: Mapping[str, Any], vectors: Mapping[str, Any], threshold: float, channels: Mapping[str, int]) -> Side:
+def _side(
+    ops: ArrayOps,
+    side: Mapping[str, Any],
+    vectors: Mapping[str, Any],
+    threshold: float,
+    channels: Mapping[str, int],
+) -> Side:
     alive: Any = float(side["static"])
     reg: Any = 0.0
     for entry in side["groups"]:
