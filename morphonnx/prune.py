@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
+from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
 
 from morphonnx.analysis import Analysis
 from morphonnx.costs import SOURCE_OPS, ShapeOf
@@ -80,7 +80,9 @@ def _conv_group(ctx: RewriteContext) -> None:
     g = int(ctx.node.attr("group", 1))
     x, w = ctx.node.inputs[0], ctx.node.inputs[1]
     cin = ctx.old_shape(x)[1]
-    per_group = ctx.old_shape(w)[0] // g if ctx.node.op_type == "ConvTranspose" else ctx.old_shape(w)[1]
+    per_group = (
+        ctx.old_shape(w)[0] // g if ctx.node.op_type == "ConvTranspose" else ctx.old_shape(w)[1]
+    )
     if g > 1 and per_group == 1 and g == cin and ctx.changed(x):
         ctx.set_attr("group", ctx.shape(x)[1])
 
@@ -202,7 +204,9 @@ def sliced_constants(
     return result
 
 
-def replace_constants(model: onnx.ModelProto, a: Analysis, values: Mapping[str, np.ndarray]) -> None:
+def replace_constants(
+    model: onnx.ModelProto, a: Analysis, values: Mapping[str, np.ndarray]
+) -> None:
     """Write new constant values into ``model``: initializers in place, others as initializers
     replacing the node that made them."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -265,6 +269,8 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
+    if a.graph.lazy is not None:  # weights the loader left on disk go into the proto to be saved
+        a.graph.lazy.restore(a.graph.model)
     if not dead.any():
         return a.graph.model
     new_shape = a.shrunk_shapes(keep)
@@ -286,7 +292,8 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
         if not proto.name:
             proto.name = node.name
     replace_constants(model, a, values)
-    changed = {s.tensor for s in sol.channels.slots if not s.const}
+    # stale shapes of every tensor that lost channels, constants from Constant / folded nodes too
+    changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}
     vis = [v for v in model.graph.value_info if v.name not in changed]
     del model.graph.value_info[:]
     model.graph.value_info.extend(vis)
@@ -311,18 +318,52 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], source: Path
         if external:
             data = target.with_name(target.name + ".data")
             data.unlink(missing_ok=True)
-            onnx.save_model(
-                model,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data.name,
-                size_threshold=1024,
-            )
+            try:
+                onnx.save_model(
+                    model,
+                    str(tmp),
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=data.name,
+                    size_threshold=1024,
+                )
+            finally:
+                # onnx moves the weights out of the proto into the data file: bring them back, so
+                # the caller's model stays whole (verification, a second save elsewhere)
+                _internalize(model, data.parent)
         else:
             onnx.save_model(model, str(tmp))
 
     atomic_write(target, write)
+
+
+def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    found = list(graph.initializer)
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                found.append(a.t)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                found.extend(a.tensors)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                found.extend(_all_tensors(a.g))
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    found.extend(_all_tensors(sg))
+    return found
+
+
+def _internalize(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Undo what saving with external data did to ``model`` in memory: every tensor marked as
+    external gets its bytes back (from the proto if still there, else from ``base_dir``)."""
+    for t in _all_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if t.HasField("raw_data"):  # marked but not written yet (the save failed)
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+        else:
+            load_external_data_for_tensor(t, str(base_dir))
 
 
 def check_pruned(path: Path, shown: str) -> None:
@@ -333,7 +374,9 @@ def check_pruned(path: Path, shown: str) -> None:
         onnx.checker.check_model(str(path), full_check=full)
     except Exception as exc:
         msg = " ".join(str(exc).split())[:300]
-        raise MorphonnxError(f"{shown}: pruned model fails onnx.checker ({msg}); nothing written") from None
+        raise MorphonnxError(
+            f"{shown}: pruned model fails onnx.checker ({msg}); nothing written"
+        ) from None
 
 
 def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]:
@@ -362,4 +405,9 @@ def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]
                 "out_channels": [old_y[axis_out], new_y[axis_out]] if old_y else None,
             }
         )
-    return {"format": "morphonnx.structure", "version": 1, "model": str(a.graph.path), "layers": layers}
+    return {
+        "format": "morphonnx.structure",
+        "version": 1,
+        "model": str(a.graph.path),
+        "layers": layers,
+    }

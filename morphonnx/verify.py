@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from morphonnx.analysis import Analysis
 from morphonnx.prune import replace_constants, sliced_constants, sync_ir3_inputs
@@ -86,13 +87,24 @@ def shape_computations(model: onnx.ModelProto) -> set[str]:
     return derived
 
 
-def run_all(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], folder: Path, name: str) -> dict[str, np.ndarray]:
+def run_all(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    folder: Path,
+    name: str,
+    base_dir: Path | None = None,
+) -> dict[str, np.ndarray]:
     """Run ``model`` with every node output exposed (graph optimizations off, so every tensor is
-    the one the graph names)."""
+    the one the graph names). Weights ``model`` still keeps in external data are read from
+    ``base_dir`` (the folder of the file it was loaded from)."""
     import onnxruntime as ort
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if base_dir is not None and any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer
+    ):
+        load_external_data_for_model(m, str(base_dir))
     have = {o.name for o in m.graph.output}
     used = {t for n in m.graph.node for t in n.input}
     for n in m.graph.node:
@@ -102,13 +114,18 @@ def run_all(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], folder: Pat
                 have.add(t)
     path = folder / f"{name}.onnx"
     size = sum(len(t.raw_data) for t in m.graph.initializer)
-    onnx.save_model(m, str(path), save_as_external_data=size > 1_800_000_000, location=f"{name}.data")
+    onnx.save_model(
+        m, str(path), save_as_external_data=size > 1_800_000_000, location=f"{name}.data"
+    )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+    values = dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+    # in graph order, so the first failure of a comparison is where the models start to differ
+    order = [t for n in m.graph.node for t in n.output if t in values]
+    return {t: values[t] for t in dict.fromkeys(order + names)}
 
 
 def compare(
@@ -138,7 +155,15 @@ def compare(
             continue
         if r.size == 0:
             continue
-        r64, g64 = np.nan_to_num(r.astype(np.float64)), np.nan_to_num(g.astype(np.float64))
+        odd = ~np.isfinite(r)  # NaN and infinities must match exactly, and not set the scale
+        if not np.array_equal(odd, ~np.isfinite(g)) or not np.array_equal(
+            r[odd], g[odd], equal_nan=True
+        ):
+            result.failures.append(f"`{name}`: NaN or infinite values differ")
+            continue
+        r64, g64 = r[~odd].astype(np.float64), g[~odd].astype(np.float64)
+        if r64.size == 0:
+            continue
         err = float(np.max(np.abs(r64 - g64)))
         scale = float(np.max(np.abs(r64)))
         rel = err / scale if scale > 0 else err
@@ -160,5 +185,6 @@ def verify(
     with tempfile.TemporaryDirectory(prefix="morphonnx-verify-") as tmp:
         folder = Path(tmp)
         ref = run_all(reference, feeds, folder, "reference")
-        got = run_all(pruned, feeds, folder, "pruned")
+        # a pruned model not saved yet still reads untouched weights from the input's data file
+        got = run_all(pruned, feeds, folder, "pruned", base_dir=a.graph.path.absolute().parent)
     return compare(a, keep, ref, got, shape_computations(reference))
