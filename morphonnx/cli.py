@@ -207,10 +207,7 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_model
-
-    from morphonnx.analysis import analyze
+    from morphonnx.analysis import Analysis, analyze
     from morphonnx.formats import write_json
     from morphonnx.mask import load_mask
     from morphonnx.prune import check_pruned, prune_model, save_model, structure
@@ -223,18 +220,11 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
     _, predicted = a.predict(keep)
     layers = structure(a, keep)
     pruned = prune_model(a, keep)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in pruned.graph.initializer):
-        # weights the rewrite left alone still point at the input's external data: bring them in,
-        # so verification (which saves the model elsewhere) and both saves below see them
-        load_external_data_for_model(pruned, str(a.graph.path.absolute().parent))
-    tmp = Path(args.output).with_name(f".{Path(args.output).name}.unverified.onnx")
-    try:
-        # a copy: saving with external data (huge models) moves the weights out of the proto
-        scratch = onnx.ModelProto()
-        scratch.CopyFrom(pruned)
-        save_model(scratch, tmp, a.graph.path)
-        del scratch
-        check_pruned(tmp, args.output)
+    after: list[Analysis] = []
+
+    def check(written: Path) -> None:
+        """Runs on the written file before it takes the output's name."""
+        check_pruned(written, args.output)
         if not args.no_verify:
             v = verify(_analysis(args), keep, pruned)
             print_verification(console, v)
@@ -243,20 +233,20 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
                     f"{args.output}: pruned model differs from the masked original "
                     f"({v.failures[0]}); nothing written"
                 )
-        after = analyze(
-            tmp, batch=args.batch, input_shapes=dict(args.input_shape), devices=a.devices
-        )
-        save_model(pruned, args.output, a.graph.path)
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
-            leftover.unlink(missing_ok=True)
+        shapes = dict(args.input_shape)
+        after.append(analyze(written, batch=args.batch, input_shapes=shapes, devices=a.devices))
+        if args.structure:
+            write_json(args.structure, layers)
+
+    save_model(pruned, args.output, a.graph.path, check)
     console.print(
-        totals_table("Before and after", [("before", a.totals), ("after", after.totals)], a.devices)
+        totals_table(
+            "Before and after", [("before", a.totals), ("after", after[0].totals)], a.devices
+        )
     )
-    if after.totals.macs != predicted.macs or after.totals.params != predicted.params:
+    if after[0].totals.macs != predicted.macs or after[0].totals.params != predicted.params:
         console.print("[yellow]note: costs differ from the mask's prediction[/yellow]")
     if args.structure:
-        write_json(args.structure, layers)
         console.print(f"wrote {args.structure}")
     console.print(f"wrote {args.output}")
 

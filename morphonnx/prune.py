@@ -211,8 +211,10 @@ def replace_constants(
     replacing the node that made them."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = set()
-    for name, value in values.items():
+    for name in list(values):
+        value = values[name]
         tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        del value
         if name in inits:
             inits[name].CopyFrom(tensor)
         else:
@@ -269,9 +271,8 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
-    if a.graph.lazy is not None:  # weights the loader left on disk go into the proto to be saved
-        a.graph.lazy.restore(a.graph.model)
     if not dead.any():
+        _restore_weights(a)
         return a.graph.model
     new_shape = a.shrunk_shapes(keep)
     values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
@@ -298,11 +299,26 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     del model.graph.value_info[:]
     model.graph.value_info.extend(vis)
     sync_ir3_inputs(model)
+    _restore_weights(a)
     return model
 
 
-def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], source: Path) -> None:
-    """Save atomically, never over the input; big models get external data beside the output."""
+def _restore_weights(a: Analysis) -> None:
+    """Weights the loader left on disk go into the proto to be saved. Done last, so the sliced
+    ones were read from the mapped file and only the untouched ones are ever copied."""
+    if a.graph.lazy is not None:
+        a.graph.lazy.restore(a.graph.model)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    out: str | os.PathLike[str],
+    source: Path,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Save atomically, never over the input; big models get external data beside the output.
+    ``check(path)`` runs on the written file before it is moved to ``out``: if it raises, nothing
+    is left at ``out`` (nor a data file beside it)."""
     target = Path(out)
     if target.exists() and target.resolve() == source.resolve():
         raise MorphonnxError(f"{target}: refusing to overwrite the input model")
@@ -314,9 +330,10 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], source: Path
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         load_external_data_for_model(model, str(source.parent))
 
+    data = target.with_name(target.name + ".data")
+
     def write(tmp: Path) -> None:
         if external:
-            data = target.with_name(target.name + ".data")
             data.unlink(missing_ok=True)
             try:
                 onnx.save_model(
@@ -333,8 +350,15 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], source: Path
                 _internalize(model, data.parent)
         else:
             onnx.save_model(model, str(tmp))
+        if check is not None:
+            check(tmp)
 
-    atomic_write(target, write)
+    try:
+        atomic_write(target, write)
+    except BaseException:
+        if external:
+            data.unlink(missing_ok=True)
+        raise
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
