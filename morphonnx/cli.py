@@ -103,9 +103,14 @@ def _analysis(args: argparse.Namespace) -> Any:
     from morphonnx.devices import resolve_device
 
     devices = [resolve_device(d) for d in (args.device or DEFAULT_DEVICES)]
-    return analyze(
-        args.model, batch=args.batch, input_shapes=dict(args.input_shape), devices=devices
-    )
+    a = analyze(args.model, batch=args.batch, input_shapes=dict(args.input_shape), devices=devices)
+    if args.batch != 1 and not a.graph.batch_used:
+        print(
+            f"morphonnx: note: --batch {args.batch} changes nothing: {args.model} has no dynamic "
+            "batch dim (use --input-shape to set input shapes)",
+            file=sys.stderr,
+        )
+    return a
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -93,6 +93,7 @@ class Graph:
     outputs: list[str]
     opset: int
     lazy: LazyWeights | None = None
+    batch_used: bool = False  # some input had a dynamic batch dim that ``batch`` filled
     _values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @cached_property

@@ -71,6 +71,11 @@ def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) 
     defined.update(o for n in model.graph.node for o in n.output)
     real_inputs = [i for i in model.graph.input if i.name not in defined]
     fixed = resolve_input_shapes(p, real_inputs, batch, input_shapes)
+    batch_used = any(
+        (dims := _dims(i)) and not (isinstance(dims[0], int) and dims[0] > 0)
+        for i in real_inputs
+        if i.name not in input_shapes
+    )
     nodes = make_nodes(model)
     check_references(p, model, nodes)
     constants = find_constants(model, nodes, p, lazy)
@@ -86,6 +91,7 @@ def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) 
         outputs=[o.name for o in model.graph.output],
         opset=opset,
         lazy=lazy,
+        batch_used=batch_used,
     )
 
 

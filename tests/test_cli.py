@@ -305,6 +305,17 @@ def test_batch_multiplies_macs(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert_one_line_error(err, "--batch")
 
 
+def test_batch_on_a_fixed_batch_model_says_it_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fixed = plain_chain(tmp_path / "fixed.onnx", [1, 3, 8, 8])
+    rc, _, err = run(capsys, "analyze", fixed, "--batch", 4)
+    assert rc == 0 and "--batch 4 changes nothing" in err and str(fixed) in err
+    dynamic = plain_chain(tmp_path / "dynamic.onnx", ["batch", 3, 8, 8])
+    rc, _, err = run(capsys, "analyze", dynamic, "--batch", 4)
+    assert rc == 0 and err == ""
+
+
 def test_batch_on_a_torch_export_with_dynamic_batch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
