@@ -21,15 +21,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-try:
-    from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec
-except ImportError:  # running without an installed package: use the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec
-
 from torch import nn  # noqa: E402
 from torch_models import ALL_MODELS, example_input  # noqa: E402
 
+from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec  # noqa: E402
 from morphonnx.analysis import analyze  # noqa: E402
 from morphonnx.cli import main as cli  # noqa: E402
 

@@ -320,7 +320,6 @@ def test_batch_on_a_torch_export_with_dynamic_batch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("torch")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from torch_models import build_model, example_input, torch_macs_params
 
     from morphonnx.adapters.torch import export_onnx

@@ -10,24 +10,20 @@ Three independent yardsticks:
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from independent_count import count_macs_params  # noqa: E402
+from light_models import light_model_paths  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper
 
 from morphonnx.costs import OpCost, op_costs, totals
 from morphonnx.devices import Device, resolve_device
 from morphonnx.graph import Graph
 from morphonnx.load import load_graph
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from independent_count import count_macs_params  # noqa: E402
-from light_models import light_model_paths  # noqa: E402
 
 F32 = 4  # bytes per float32 element
 SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

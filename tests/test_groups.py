@@ -8,14 +8,10 @@ positions.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from onnx_builders import (  # noqa: E402
     Builder,
     activation,

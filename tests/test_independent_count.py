@@ -7,16 +7,10 @@ morphonnx's own cost model is checked against elsewhere.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from independent_count import count_macs_params, run_all_tensors  # noqa: E402
 from light_models import (  # noqa: E402
     LIGHT_DIR,
@@ -24,6 +18,7 @@ from light_models import (  # noqa: E402
     materialize_weights,
     random_inputs,
 )
+from onnx import TensorProto, helper, numpy_helper
 
 LIGHT_NAMES = [
     "bvlc_alexnet",

@@ -7,13 +7,13 @@ Every bad input must raise :class:`MorphonnxError` whose message is a single lin
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from light_models import light_model_paths  # noqa: E402
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 import morphonnx.load
@@ -21,10 +21,6 @@ from morphonnx.costs import op_costs, totals
 from morphonnx.errors import MorphonnxError
 from morphonnx.graph import Graph
 from morphonnx.load import load_graph
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from light_models import light_model_paths  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
 

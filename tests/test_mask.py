@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,6 @@ from morphonnx.report import seconds, si
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from torch_models import randomize_bn  # noqa: E402
 
 from morphonnx.adapters.torch import export_onnx  # noqa: E402

@@ -8,16 +8,12 @@ slices join it and whether it stays prunable.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from onnx_builders import (  # noqa: E402
     INT64,
     Builder,

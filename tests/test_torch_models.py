@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,6 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-try:
-    from morphonnx.adapters.torch import export_onnx, unwrap_model
-except ImportError:  # running without an installed package: use the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from morphonnx.adapters.torch import export_onnx, unwrap_model
-
 from torch import nn  # noqa: E402
 from torch_models import (  # noqa: E402
     ALL_MODELS,
@@ -26,6 +19,8 @@ from torch_models import (  # noqa: E402
     randomize_bn,
     torch_macs_params,
 )
+
+from morphonnx.adapters.torch import export_onnx, unwrap_model  # noqa: E402
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
