@@ -132,7 +132,8 @@ def _side(
         if vec is None:
             alive = alive + k * channels[gid]
             continue
-        alive = alive + k * ops.count(vec > threshold)
+        # a mask never empties a group (it keeps the strongest channel), so neither does the cost
+        alive = alive + k * max(1.0, ops.count(vec > threshold))
         reg = reg + k * vec.sum()
     return Side(alive, reg)
 

@@ -301,15 +301,6 @@ class _Index:
         self.tensor = torch.from_numpy(idx)
 
 
-def _never_empty(ops: Any) -> Any:
-    """``ops`` whose alive count is at least 1 per group: ``write_mask`` (like ``morphonnx mask``)
-    keeps the strongest channel of a group the threshold would empty, so ``cost()`` is the cost of
-    the structure the mask describes."""
-    from dataclasses import replace
-
-    return replace(ops, count=lambda x: max(1.0, float(x.sum().item())))
-
-
 class _Linear:
     """``constant + sum_g terms[g] * R_g``: what the core's loss is, given the alive counts.
     Only linear operations are defined; anything else is a TypeError."""
@@ -476,7 +467,7 @@ class Regularizer:
         self.where = where
         self.groups = select_groups(spec, [exclude] if isinstance(exclude, str) else exclude)
         self.fingerprint: str = spec["model"].get("fingerprint", "")
-        self._ops = _never_empty(torch_ops())
+        self._ops = torch_ops()
         self._hooks: list[Any] = []
         self._linear = True  # see cost_and_loss
         self._coefficients: dict[tuple[float, ...], Any] = {}
