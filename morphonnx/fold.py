@@ -74,6 +74,37 @@ def _cast(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
     return x.astype(helper.tensor_dtype_to_np_dtype(int(node.attr("to"))))
 
 
+def _gather(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x, idx = inputs[0], inputs[1]
+    assert x is not None and idx is not None
+    return np.take(x, idx.astype(np.int64), axis=int(node.attr("axis", 0)))
+
+
+def _slice(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    x = inputs[0]
+    assert x is not None
+
+    def ints(attr: str, i: int) -> list[int] | None:
+        if attr in node.attrs:
+            return [int(v) for v in node.attr(attr)]
+        v = inputs[i] if i < len(inputs) else None
+        return None if v is None else [int(t) for t in v.reshape(-1)]
+
+    starts, ends = ints("starts", 1), ints("ends", 2)
+    assert starts is not None and ends is not None
+    axes = ints("axes", 3) or list(range(len(starts)))
+    steps = ints("steps", 4) or [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
+        index[a % x.ndim] = slice(b, e, st)
+    return x[tuple(index)]
+
+
+def _concat(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    parts = [v for v in inputs if v is not None]
+    return np.concatenate(parts, axis=int(node.attr("axis", 0)))
+
+
 def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Fold:
     def fold(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
         a, b = inputs[0], inputs[1]
@@ -100,6 +131,9 @@ FOLDS: dict[str, Fold] = {
     "Reshape": _reshape,
     "Transpose": _transpose,
     "Flatten": _flatten,
+    "Gather": _gather,
+    "Slice": _slice,
+    "Concat": _concat,
     "Neg": _unary(np.negative),
     "Sqrt": _unary(np.sqrt),
     "Reciprocal": _unary(np.reciprocal),
@@ -109,4 +143,5 @@ FOLDS: dict[str, Fold] = {
     "Mul": _binary(np.multiply),
     "Div": _binary(np.divide),
 }
-"""Ops folded when every input is constant: shape views and the arithmetic of BN decompositions."""
+"""Ops folded when every input is constant: shape views, the arithmetic of BN decompositions, and
+the integer ops exporters use to compute Reshape targets from ``Shape``."""

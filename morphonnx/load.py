@@ -11,6 +11,7 @@ Three concerns live here and nowhere else:
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Mapping, Sequence
@@ -467,6 +468,19 @@ def infer_tensor_shapes(
         out for n in model.graph.node if n.domain not in ("", "ai.onnx") for out in n.output
     }
     g.value_info.extend(v for v in model.graph.value_info if v.name in custom_outputs)
+    tensors = _infer(p, light)
+    for _ in range(3):  # each round resolves one more level of shape arithmetic
+        if all(t.known for t in tensors.values()) or not _pin_shape_values(light, tensors):
+            break
+        tensors = _infer(p, light)
+    for vi in model.graph.output:
+        declared = _info(vi)
+        if vi.name not in tensors or tensors[vi.name].shape is None:
+            tensors[vi.name] = declared
+    return tensors
+
+
+def _infer(p: Path, light: onnx.ModelProto) -> dict[str, TensorInfo]:
     try:
         inferred = onnx.shape_inference.infer_shapes(
             light, check_type=False, strict_mode=False, data_prop=True
@@ -474,15 +488,67 @@ def infer_tensor_shapes(
     except Exception as exc:
         msg = " ".join(str(exc).split())
         raise MorphonnxError(f"{p}: shape inference failed: {msg[:300]}") from None
-    tensors: dict[str, TensorInfo] = {}
     ig = inferred.graph
-    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
-        tensors[vi.name] = _info(vi)
-    for vi in model.graph.output:
-        declared = _info(vi)
-        if vi.name not in tensors or tensors[vi.name].shape is None:
-            tensors[vi.name] = declared
-    return tensors
+    return {vi.name: _info(vi) for vi in list(ig.input) + list(ig.value_info) + list(ig.output)}
+
+
+def _pin_shape_values(light: onnx.ModelProto, tensors: Mapping[str, TensorInfo]) -> bool:
+    """Where ONNX's data propagation gives up (a Reshape target computed from ``Shape`` before
+    opset 14, in many exporters' graphs), compute those small integer tensors here, from the
+    shapes already known, and give them to the shape-inference copy as constants.
+
+    Only the weight-free copy changes: in the model the targets are still computed at run time,
+    so they follow the pruned shapes. Returns whether anything new was pinned."""
+    g = light.graph
+    known: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in g.initializer if math.prod(t.dims) <= 64
+    }
+    produced: set[str] = set()
+    for proto in g.node:
+        node = Node(
+            0,
+            proto.name,
+            proto.op_type,
+            proto.domain,
+            list(proto.input),
+            list(proto.output),
+            attribute_values(proto),
+        )
+        produced.update(proto.output)
+        value: np.ndarray | None = None
+        try:
+            if node.op_type == "Constant" and node.standard:
+                value = constant_node_value(node)
+            elif node.op_type == "Shape" and node.standard:
+                info = tensors.get(node.inputs[0])
+                if info is not None and info.known and info.shape is not None:
+                    start, end = node.attr("start", 0), node.attr("end", None)
+                    value = np.array(info.shape, dtype=np.int64)[start:end]
+            elif node.standard and node.op_type in FOLDS and node.inputs:
+                if all(t == "" or t in known for t in node.inputs):
+                    value = FOLDS[node.op_type](node, [known.get(t) for t in node.inputs])
+        except Exception:  # anything unusual: leave it to shape inference
+            value = None
+        if value is not None and value.dtype.kind in "iub" and value.size <= 64:
+            known[node.outputs[0]] = value
+    pinned: set[str] = set()
+    for proto in g.node:
+        for i, t in enumerate(proto.input):
+            v = known.get(t)
+            if t not in produced or v is None or v.dtype.kind not in "iu":
+                continue
+            name = f"{t}__morphonnx_value"
+            if name not in pinned:
+                g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+                if light.ir_version < 4:
+                    g.input.append(
+                        helper.make_tensor_value_info(
+                            name, g.initializer[-1].data_type, list(v.shape)
+                        )
+                    )
+                pinned.add(name)
+            proto.input[i] = name
+    return bool(pinned)
 
 
 def _type_without_shape(t: onnx.TypeProto) -> onnx.TypeProto:
