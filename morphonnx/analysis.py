@@ -19,6 +19,7 @@ from morphonnx.formats import fingerprint
 from morphonnx.graph import Graph, Shape
 from morphonnx.groups import Solution, solve
 from morphonnx.load import load_graph
+from morphonnx.rules import RULES
 
 
 @dataclass
@@ -78,6 +79,16 @@ def analyze(
     )
 
 
+def unsupported_ops(a: Analysis) -> dict[str, int]:
+    """Op types without a channel rule, with their counts: each stops the groups it touches."""
+    counts: dict[str, int] = {}
+    for n in a.graph.nodes:
+        if not n.standard or n.op_type not in RULES:
+            name = n.op_type if n.standard else f"{n.domain}.{n.op_type}"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def report_json(a: Analysis) -> dict[str, Any]:
     """The ``analyze --json`` document (shape fixed by contracts.md)."""
     t = a.totals
@@ -88,6 +99,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
             "opset": a.graph.opset,
             "nodes": len(a.graph.nodes),
             "inputs": {n: list(a.graph.shape(n) or ()) for n in a.graph.inputs},
+            "unsupported_ops": unsupported_ops(a),
         },
         "totals": {
             "macs": t.macs,

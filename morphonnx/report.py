@@ -9,7 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from morphonnx.analysis import Analysis
+from morphonnx.analysis import Analysis, unsupported_ops
 from morphonnx.costs import OpCost, Totals
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
@@ -91,6 +91,10 @@ def print_analysis(console: Console, a: Analysis, top: int) -> None:
     console.print(totals_table("Totals", [("model", a.totals)], a.devices))
     console.print(top_table(a.costs, a.devices, top))
     console.print(groups_table(a))
+    unknown = unsupported_ops(a)
+    if unknown:
+        listed = ", ".join(f"{op} x{n}" for op, n in sorted(unknown.items()))
+        console.print(f"ops without a channel rule (they stop the groups they touch): {listed}")
 
 
 def print_devices(console: Console, devices: Sequence[Device]) -> None:

@@ -39,7 +39,12 @@ CONTRACT = {
     "op": {"name", "op_type", "macs", "flops", "params", "bytes", "latency_s"},
     "group": {"id", "channels", "prunable", "reason"},
 }
-EXTRA = {"top": set(), "model": {"inputs"}, "totals": {"weight_bytes"}, "op": {"bound"}}
+EXTRA = {
+    "top": set(),
+    "model": {"inputs", "unsupported_ops"},
+    "totals": {"weight_bytes"},
+    "op": {"bound"},
+}
 EXTRA["group"] = {"producers"}
 
 
@@ -735,3 +740,35 @@ def test_prune_model_with_external_data(
     )
     np.testing.assert_allclose(y1[0], y2[0], rtol=1e-5, atol=1e-6)
     assert math.isfinite(float(y1[0].sum()))
+
+
+def test_analyze_lists_ops_without_a_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A custom-domain op and a standard op missing from the rule table are named, with counts."""
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Foo", ["c"], ["f"], domain="com.example"),
+        helper.make_node("TopK", ["c", "k"], ["v", "i"], axis=1),
+    ]
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 4, 4, 4]),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+        ],
+        [w, k],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    doc = analyze_json(capsys, tmp_path, path)
+    assert doc["model"]["unsupported_ops"] == {"com.example.Foo": 1, "TopK": 1}
+    rc, out, _ = run(capsys, "analyze", path)
+    assert rc == 0 and "ops without a channel rule" in out and "com.example.Foo x1" in out
