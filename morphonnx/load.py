@@ -469,7 +469,7 @@ def infer_tensor_shapes(
     }
     g.value_info.extend(v for v in model.graph.value_info if v.name in custom_outputs)
     tensors = _infer(p, light)
-    for _ in range(3):  # each round resolves one more level of shape arithmetic
+    for _ in range(50):  # each round resolves one more level of shape arithmetic
         if all(t.known for t in tensors.values()) or not _pin_shape_values(light, tensors):
             break
         tensors = _infer(p, light)
@@ -524,18 +524,25 @@ def _pin_shape_values(light: onnx.ModelProto, tensors: Mapping[str, TensorInfo])
                 if info is not None and info.known and info.shape is not None:
                     start, end = node.attr("start", 0), node.attr("end", None)
                     value = np.array(info.shape, dtype=np.int64)[start:end]
+            elif node.op_type == "ConstantOfShape" and node.standard:
+                size = known.get(node.inputs[0])
+                fill = node.attr("value")
+                if size is not None and size.size <= 1 and int(size.reshape(-1)[0]) <= 64:
+                    fv = numpy_helper.to_array(fill).reshape(-1) if fill is not None else None
+                    if fv is not None:
+                        value = np.full(size.reshape(-1).tolist(), fv[0], dtype=fv.dtype)
             elif node.standard and node.op_type in FOLDS and node.inputs:
                 if all(t == "" or t in known for t in node.inputs):
                     value = FOLDS[node.op_type](node, [known.get(t) for t in node.inputs])
         except Exception:  # anything unusual: leave it to shape inference
             value = None
-        if value is not None and value.dtype.kind in "iub" and value.size <= 64:
+        if value is not None and value.dtype.kind in "iubf" and value.size <= 64:
             known[node.outputs[0]] = value
     pinned: set[str] = set()
     for proto in g.node:
         for i, t in enumerate(proto.input):
             v = known.get(t)
-            if t not in produced or v is None or v.dtype.kind not in "iu":
+            if t not in produced or v is None or v.dtype.kind not in "iuf":
                 continue
             name = f"{t}__morphonnx_value"
             if name not in pinned:

@@ -52,12 +52,23 @@ class RewriteContext:
         return s
 
     def changed(self, tensor: str) -> bool:
-        return self.shape(tensor) != self.old_shape(tensor)
+        """Whether ``tensor`` lost channels; never for a tensor of unknown shape (its rule
+        stopped every channel it touches, so nothing about it can change)."""
+        old = self.analysis.graph.shape(tensor)
+        return old is not None and self.new_shape(tensor) != old
 
     def const_input(self, i: int) -> np.ndarray | None:
         if i >= len(self.proto.input) or not self.proto.input[i]:
             return None
         return self.analysis.graph.small_value(self.proto.input[i])
+
+    def bound_input(self, i: int) -> np.ndarray | None:
+        """Input ``i`` as a constant, or as computed from channel counts only (Slice bounds of
+        torch ``chunk``): its value in the original model."""
+        value = self.const_input(i)
+        if value is None and i < len(self.proto.input) and self.proto.input[i]:
+            value = self.analysis.solution.channels.shape_value(self.proto.input[i])
+        return value
 
     def set_const_input(self, i: int, value: np.ndarray) -> None:
         """Point input ``i`` at a new initializer (the old constant may be shared)."""
@@ -79,11 +90,13 @@ def _conv_group(ctx: RewriteContext) -> None:
     """A depthwise conv has one group per input channel: ``group`` follows the input width."""
     g = int(ctx.node.attr("group", 1))
     x, w = ctx.node.inputs[0], ctx.node.inputs[1]
+    if g == 1 or not ctx.changed(x):
+        return
     cin = ctx.old_shape(x)[1]
     per_group = (
         ctx.old_shape(w)[0] // g if ctx.node.op_type == "ConvTranspose" else ctx.old_shape(w)[1]
     )
-    if g > 1 and per_group == 1 and g == cin and ctx.changed(x):
+    if per_group == 1 and g == cin:
         ctx.set_attr("group", ctx.shape(x)[1])
 
 
@@ -132,12 +145,20 @@ def _slice_bounds(ctx: RewriteContext) -> None:
     rank = len(ctx.old_shape(x))
     axis = ctx.analysis.solution.channels.axis_of[x]
     attr_form = "starts" in ctx.node.attrs
-    starts = list(ctx.node.attr("starts")) if attr_form else ctx.const_input(1).tolist()  # type: ignore[union-attr]
-    ends = list(ctx.node.attr("ends")) if attr_form else ctx.const_input(2).tolist()  # type: ignore[union-attr]
     raw_axes = ctx.node.attr("axes") if attr_form else ctx.const_input(3)
-    axes = [int(v) % rank for v in (list(raw_axes) if raw_axes is not None else range(len(starts)))]
+    if raw_axes is None:
+        raw_axes = range(
+            len(ctx.node.attr("starts")) if attr_form else ctx.old_shape(ctx.proto.input[1])[0]
+        )
+    axes = [int(v) % rank for v in raw_axes]
     if axis not in axes:
         return
+    if attr_form:
+        starts, ends = list(ctx.node.attr("starts")), list(ctx.node.attr("ends"))
+    else:  # constants, or computed from channel counts (the rule checked they are known)
+        bounds = [ctx.bound_input(i) for i in (1, 2)]
+        assert bounds[0] is not None and bounds[1] is not None
+        starts, ends = bounds[0].reshape(-1).tolist(), bounds[1].reshape(-1).tolist()
     k = axes.index(axis)
     n_in = ctx.old_shape(x)[axis]
     start = starts[k] + n_in if starts[k] < 0 else starts[k]

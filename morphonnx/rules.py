@@ -35,11 +35,15 @@ class Rule:
 # --- small helpers ---------------------------------------------------------------------------
 
 
-def _ints(ctx: RuleContext, attr: str, input_index: int) -> list[int] | None:
-    """An int list given as attribute (old opsets) or constant input (new opsets)."""
+def _ints(
+    ctx: RuleContext, attr: str, input_index: int, computed: bool = False
+) -> list[int] | None:
+    """An int list given as attribute (old opsets) or constant input (new opsets); with
+    ``computed``, also an input computed from channel counts only (``RuleContext.bound``)."""
     raw = ctx.node.attr(attr)
     if raw is None and ctx.input(input_index):
-        v = ctx.value(ctx.input(input_index))
+        t = ctx.input(input_index)
+        v = ctx.bound(t) if computed else ctx.value(t)
         if v is None:
             return None
         raw = v.reshape(-1).tolist()
@@ -363,21 +367,34 @@ def split(ctx: RuleContext, x: str, a: int) -> None:
 
 @follows_input
 def slice_(ctx: RuleContext, x: str, a: int) -> None:
-    """Slice: on the channel axis (step 1), output channel i is input channel start+i."""
+    """Slice: on the channel axis (step 1), output channel i is input channel start+i. Bounds
+    computed from the channel count (torch ``chunk``) are read at the analyzed shapes; the
+    rewrite writes them as constants, so a Slice that also cuts other axes must have constant
+    bounds (theirs may follow batch or spatial dims at run time)."""
     rank = ctx.rank(x)
-    starts = _ints(ctx, "starts", 1)
+    attr_form = "starts" in ctx.node.attrs
     axes = _ints(ctx, "axes", 3)
-    steps = _ints(ctx, "steps", 4)
-    if starts is None or (ctx.input(3) and axes is None) or (ctx.input(4) and steps is None):
-        _mixes(ctx, "slices with bounds computed at run time")
+    if ctx.input(3) and axes is None:
+        _mixes(ctx, "slices axes computed at run time")
         return
-    axes = [int(v) % rank for v in axes] if axes is not None else list(range(len(starts)))
+    if axes is None:
+        count = len(ctx.node.attr("starts")) if attr_form else ctx.shape(ctx.input(1))[0]
+        axes = list(range(count))
+    axes = [int(v) % rank for v in axes]
     if a not in axes:
         _passthrough(ctx, a)
         return
     k = axes.index(a)
-    if steps is not None and steps[k] != 1:
-        _mixes(ctx, "slices the channel axis with a step other than 1")
+    steps = _ints(ctx, "steps", 4)
+    if (ctx.input(4) and steps is None) or (steps is not None and steps[k] != 1):
+        _mixes(ctx, "slices the channel axis with a step other than 1 (or unknown)")
+        return
+    starts, ends = _ints(ctx, "starts", 1, True), _ints(ctx, "ends", 2, True)
+    if not attr_form and len(axes) > 1:  # computed bounds become constants: only if alone
+        if not (ctx.is_const(ctx.input(1)) and ctx.is_const(ctx.input(2))):
+            starts = None
+    if starts is None or ends is None:
+        _mixes(ctx, "slices the channel axis with bounds computed at run time")
         return
     n_in = ctx.shape(x)[a]
     start = starts[k]
@@ -405,8 +422,9 @@ def gather(ctx: RuleContext, x: str, a: int) -> None:
 
 @follows_input
 def pad(ctx: RuleContext, x: str, a: int) -> None:
-    """Pad passes channels on unless it pads the channel axis."""
-    pads = _ints(ctx, "pads", 1)
+    """Pad passes channels on unless it pads the channel axis (torch's ``F.pad`` computes the
+    full pads vector from the list it is given: read like constants)."""
+    pads = _ints(ctx, "pads", 1, True)
     rank = ctx.rank(x)
     axes = _ints(ctx, "axes", 3) if len(ctx.inputs) > 3 else None
     axes = [v % rank for v in axes] if axes else list(range(rank))

@@ -94,6 +94,8 @@ def shape_computations(model: onnx.ModelProto) -> set[str]:
         elif n.input and all(t in derived or t in consts or not t for t in n.input):
             if any(t in derived for t in n.input):
                 derived.update(n.output)
+            else:  # computed from constants only (Cast(Concat(Unsqueeze(Constant)))): constant
+                consts.update(n.output)
     return derived
 
 
