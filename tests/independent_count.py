@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnxruntime as ort
-from light_models import names_read
+from light_models import attr_int, names_read
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["constant_shapes", "count_macs_params", "run_all_tensors"]
@@ -175,13 +175,6 @@ def run_all_tensors(
 # --------------------------------------------------------------------------- #
 # counting
 # --------------------------------------------------------------------------- #
-def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
-
-
 def _prod(xs: Iterable[int]) -> int:
     p = 1
     for x in xs:
@@ -265,8 +258,8 @@ def count_macs_params(
         elif op == "Gemm":
             a = shape_of(node.input[0])
             b = shape_of(node.input[1])
-            m_, k_ = (a[1], a[0]) if _attr_int(node, "transA", 0) else (a[0], a[1])
-            n_ = b[0] if _attr_int(node, "transB", 0) else b[1]
+            m_, k_ = (a[1], a[0]) if attr_int(node, "transA", 0) else (a[0], a[1])
+            n_ = b[0] if attr_int(node, "transB", 0) else b[1]
             macs = m_ * n_ * k_
         elif op == "MatMul":
             macs = _prod(shape_of(node.output[0])) * shape_of(node.input[0])[-1]

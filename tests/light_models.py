@@ -103,7 +103,7 @@ def names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
     return names
 
 
-def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
     for a in node.attribute:
         if a.name == name:
             return int(a.i)
@@ -115,7 +115,7 @@ def _fan_in(shape: tuple[int, ...], uses: list[tuple[onnx.NodeProto, int]]) -> i
     except where the consumer says the contraction axis is elsewhere."""
     for node, idx in uses:
         if node.op_type == "Gemm" and idx == 1 and len(shape) == 2:
-            return shape[0] if _attr_int(node, "transB", 0) == 0 else shape[1]
+            return shape[0] if attr_int(node, "transB", 0) == 0 else shape[1]
         if node.op_type == "MatMul" and idx == 1 and len(shape) >= 2:
             return shape[-2]
         if node.op_type == "ConvTranspose" and idx == 1 and len(shape) >= 2:
