@@ -30,8 +30,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnxruntime as ort
-from light_models import attr_int, names_read
-from onnx import TensorProto, helper, numpy_helper
+from light_models import attr_int, names_read, random_inputs
+from onnx import TensorProto, numpy_helper
 
 __all__ = ["constant_shapes", "count_macs_params", "run_all_tensors"]
 
@@ -111,27 +111,6 @@ def constant_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], 
 # --------------------------------------------------------------------------- #
 # measuring intermediate shapes with onnxruntime
 # --------------------------------------------------------------------------- #
-def _random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values for the graph inputs that are not initializers (float:
-    standard normal; ints/bool: zeros).  Unknown / symbolic / zero dims -> 1."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds: dict[str, np.ndarray] = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        shape = [
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim
-        ]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type or TensorProto.FLOAT))
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        else:
-            feeds[inp.name] = np.zeros(shape, dtype=dtype)
-    return feeds
-
-
 def run_all_tensors(
     model: onnx.ModelProto,
     feeds: Mapping[str, np.ndarray] | None = None,
@@ -165,7 +144,7 @@ def run_all_tensors(
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del m
     if feeds is None:
-        feeds = _random_feeds(model, seed)
+        feeds = random_inputs(model, seed)
     results = sess.run(wanted, dict(feeds))
     out = {k: np.asarray(v) for k, v in feeds.items()}  # graph inputs have shapes too
     out.update(zip(wanted, results, strict=True))
