@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from morphonnx.costs import OpCost, ShapeOf, Totals, op_costs, totals
 from morphonnx.devices import Device
 from morphonnx.formats import fingerprint
@@ -132,14 +130,3 @@ def report_json(a: Analysis) -> dict[str, Any]:
             for g in a.solution.groups
         ],
     }
-
-
-def alive_fraction(a: Analysis, mask: Mapping[str, Sequence[bool]]) -> float:
-    """Share of prunable channels a mask keeps."""
-    total = sum(g.channels for g in a.solution.groups if g.prunable)
-    kept = sum(
-        int(np.sum(mask[g.id])) if g.id in mask else g.channels
-        for g in a.solution.groups
-        if g.prunable
-    )
-    return kept / total if total else 1.0

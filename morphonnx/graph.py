@@ -11,16 +11,13 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from morphonnx.protoscan import LazyWeights
-
-if TYPE_CHECKING:
-    import networkx
 
 Shape = tuple[int, ...]
 """A tensor shape; unknown dims are -1."""
@@ -116,23 +113,6 @@ class Graph:
     @cached_property
     def by_name(self) -> dict[str, Node]:
         return {n.name: n for n in self.nodes}
-
-    @cached_property
-    def nx(self) -> networkx.MultiDiGraph:
-        """Ops as nodes, tensors as edges (key = tensor name, with shape and dtype). Built on first
-        use: the commands walk the node list directly, and importing networkx costs startup time."""
-        import networkx
-
-        g = networkx.MultiDiGraph()
-        for n in self.nodes:
-            g.add_node(n.name, op_type=n.op_type)
-        for n in self.nodes:
-            for t in dict.fromkeys(n.inputs + n.implicit_inputs):
-                p = self.producer.get(t)
-                if t and p is not None:
-                    info = self.tensors.get(t)
-                    g.add_edge(p.name, n.name, key=t, shape=info.shape if info else None)
-        return g
 
     def is_const(self, name: str) -> bool:
         return bool(name) and name in self.constants
