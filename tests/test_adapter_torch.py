@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -407,12 +406,12 @@ def test_exclude_counts_group_whole_and_stops_its_gradient(tmp_path: Path) -> No
 # --------------------------------------------------------------------------- wrappers
 
 
-def _ddp_worker(rank: int, world: int, port: int, spec: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, store: str, spec: str, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store and the loopback device: no port to race for, no interface guessing
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = Chain()
@@ -424,14 +423,9 @@ def _ddp_worker(rank: int, world: int, port: int, spec: str, out: str) -> None:
         (task.sum() + 1e-4 * loss).backward()  # a real DDP step: gradients all-reduced
         result = {"loss": loss.item(), "cost": reg.cost(), "grad": model.bn1.weight.grad.tolist()}
         Path(out, f"{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither process tears down while the other still talks to it
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_same_loss_as_plain_model(tmp_path: Path) -> None:
@@ -442,7 +436,10 @@ def test_ddp_two_processes_same_loss_as_plain_model(tmp_path: Path) -> None:
     plain = Regularizer(model, spec)
     want_loss, want_cost = plain.loss().item(), plain.cost()
     torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, _free_port(), str(spec), str(tmp_path)), nprocs=2, join=True
+        _ddp_worker,
+        args=(2, str(tmp_path / "ddp_store"), str(spec), str(tmp_path)),
+        nprocs=2,
+        join=True,
     )
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for r in results:
