@@ -54,6 +54,7 @@ class Analysis:
             for s in self.solution.channels.slots
             if s.const and shape_of(s.tensor) != self.graph.shape(s.tensor)
         }
+        sliced.update(self.graph.materialized_copies(sliced))
         return costs, totals(self.graph, costs, self.devices, shape_of, sliced)
 
 

@@ -140,6 +140,9 @@ def weight_tensors(graph: Graph, stored: Collection[str] = ()) -> list[str]:
                 continue
             visited.add(name)
             c = graph.constants[name]
+            if c.kind == "copy" and name not in stored:
+                stack.append(c.source or name)  # counts as what it copies
+                continue
             folded = c.kind == "folded" and name not in stored
             producer = graph.by_name.get(c.node or "") if folded else None
             if producer is None:

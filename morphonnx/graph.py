@@ -8,6 +8,7 @@ behind foldable ops such as ``Unsqueeze``, subgraphs reading outer tensors) are 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,13 +69,16 @@ class Node:
 
 @dataclass
 class Constant:
-    """Where a constant tensor's values live: an initializer, a Constant node or ConstantOfShape."""
+    """Where a constant tensor's values live: an initializer, a Constant node or ConstantOfShape,
+    a folded computation, or (``copy``) a per-consumer copy of a shared per-channel constant."""
 
     name: str
-    kind: str  # "initializer" | "constant_node" | "constant_of_shape" | "folded"
+    kind: str  # "initializer" | "constant_node" | "constant_of_shape" | "folded" | "copy"
     shape: Shape
     dtype: np.dtype
-    node: str | None = None  # producing node for the node kinds
+    node: str | None = None  # producing node for the node kinds; the consumer for a copy
+    source: str | None = None  # for a copy: the constant it copies
+    input_index: int = -1  # for a copy: which input of ``node`` reads it
 
 
 @dataclass
@@ -132,6 +136,15 @@ class Graph:
             self._values[name] = _constant_value(self, self.constants[name])
         return self._values[name]
 
+    def materialized_copies(self, changed: Collection[str]) -> list[str]:
+        """Copies of shared per-channel constants that a pruned model stores as initializers of
+        their own: those whose source changes in place (the copy keeps the old values)."""
+        return [
+            name
+            for name, c in self.constants.items()
+            if c.kind == "copy" and c.source in changed and name not in changed
+        ]
+
     def small_value(self, name: str, limit: int = 4096) -> np.ndarray | None:
         """Values of a small constant (shape vectors, axes, pads), or None when not constant."""
         c = self.constants.get(name)
@@ -149,6 +162,9 @@ def _constant_value(graph: Graph, c: Constant) -> np.ndarray:
     node = graph.by_name[c.node or ""]
     if c.kind == "constant_node":
         return constant_node_value(node)
+    if c.kind == "copy":
+        assert c.source is not None
+        return graph.value(c.source)
     if c.kind == "folded":
         from morphonnx.fold import FOLDS
 

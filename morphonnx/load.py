@@ -82,6 +82,7 @@ def _load_graph(p: Path, batch: int, input_shapes: Mapping[str, Sequence[int]]) 
     constants = find_constants(model, nodes, p, lazy)
     tensors = infer_tensor_shapes(p, model, fixed, constants, [n.index for n in nodes])
     fold_constants(nodes, constants, tensors)
+    unshare_per_channel_constants(nodes, constants)
     return Graph(
         model=model,
         path=p,
@@ -419,6 +420,38 @@ def fold_constants(
         constants[n.outputs[0]] = Constant(
             n.outputs[0], "folded", info.shape, info.dtype, node=n.name
         )
+
+
+PER_CHANNEL_USERS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "BatchNormalization", "InstanceNormalization", "PRelu"}
+)
+"""Ops that read a constant as per-channel parameters (biases, scales, norm statistics)."""
+
+
+def unshare_per_channel_constants(nodes: list[Node], constants: dict[str, Constant]) -> None:
+    """Give every further reader of a shared per-channel constant its own copy.
+
+    Exporters de-duplicate equal constants (tf2onnx does, for the identical BN statistics of a
+    freshly initialised Keras model); read by unrelated layers, one shared vector would tie their
+    channels into one group. The copies exist in the graph's view (``prune`` writes them as
+    initializers only where it has to); weights of Conv/Gemm/MatMul stay shared."""
+    uses: dict[str, list[tuple[Node, int]]] = {}
+    for n in nodes:
+        if all(o in constants for o in n.outputs if o):
+            continue  # computes constants only
+        for i, t in enumerate(n.inputs):
+            if t in constants:
+                uses.setdefault(t, []).append((n, i))
+    for t, readers in uses.items():
+        c = constants[t]
+        if len(readers) < 2 or c.dtype.kind != "f" or math.prod(c.shape) <= 1:
+            continue
+        if any(not n.standard or n.op_type not in PER_CHANNEL_USERS for n, _ in readers):
+            continue
+        for k, (n, i) in enumerate(readers[1:], start=1):
+            name = f"{t}__copy{k}"
+            n.inputs[i] = name
+            constants[name] = Constant(name, "copy", c.shape, c.dtype, n.name, t, i)
 
 
 def infer_tensor_shapes(

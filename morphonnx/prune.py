@@ -216,6 +216,8 @@ def sliced_constants(
         dead_idx = np.flatnonzero(dead[sol.slot_labels(slot)])
         if len(dead_idx):
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
+    for name in a.graph.materialized_copies(per_tensor):
+        per_tensor.setdefault(name, [])  # its source changes: the copy keeps the old values
     result = {}
     for name, cuts in per_tensor.items():
         value = a.graph.value(name)
@@ -229,17 +231,22 @@ def replace_constants(
     model: onnx.ModelProto, a: Analysis, values: Mapping[str, np.ndarray]
 ) -> None:
     """Write new constant values into ``model``: initializers in place, others as initializers
-    replacing the node that made them."""
+    replacing the node that made them; a copy of a shared constant is read by its consumer."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = set()
     for name in list(values):
         value = values[name]
         tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
         del value
+        c = a.graph.constants.get(name)
         if name in inits:
             inits[name].CopyFrom(tensor)
+            continue
+        model.graph.initializer.append(tensor)
+        if c is not None and c.kind == "copy":
+            reader = model.graph.node[a.graph.by_name[c.node or ""].index]
+            reader.input[c.input_index] = name
         else:
-            model.graph.initializer.append(tensor)
             producers.add(name)
     if producers:
         keep = [n for n in model.graph.node if not (set(n.output) & producers)]

@@ -1,6 +1,6 @@
 """tf2onnx exports of Keras models (NHWC, BN folded into convs, TF scope names), committed under
 ``tests/data`` so these tests need no TensorFlow, plus minimal ``onnx.helper`` repros of the bugs a
-sweep over real exports and shipped models found (marked ``xfail(strict=True)`` until fixed).
+sweep over real exports and shipped models found.
 
 The fixtures were made with tensorflow-cpu 2.21 / keras 3.15 / tf2onnx 1.17 by the code under
 ``if __name__ == "__main__"`` at the end of this file (``python tests/test_tf_exports.py OUTDIR``
@@ -168,16 +168,9 @@ def test_keras_inverted_residuals_trained_export(
     prune_ok(capsys, model, tmp_path)
 
 
-# --- bugs found by the sweep (xfail until fixed) --------------------------------------------
+# --- regressions found by the sweep ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tf2onnx merges equal constants: with Keras' initial BN statistics the two blocks' "
-    "depthwise-BN scale vectors are one shared initializer, and morphonnx ties every consumer of "
-    "a shared per-channel constant into one group (channels.slot_for keys const slots by "
-    "(tensor, axis) only), so unrelated blocks' expansions are merged",
-)
 def test_keras_inverted_residuals_initial_export_keeps_blocks_apart(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -218,17 +211,14 @@ def shared_scale_model(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a per-channel constant shared by two unrelated layers (tf2onnx's constant dedup) "
-    "ties their channels into one group; prune could give each consumer its own copy",
-)
 def test_shared_per_channel_constant_does_not_tie_layers(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     report = analyze_json(capsys, shared_scale_model(tmp_path / "shared.onnx"), tmp_path)
     # conv w1 (4) and conv w3 (4) are unrelated layers: two groups, plus w2's 8
     assert groups_of(report) == sorted([(4, True), (4, True), (8, True), (3, False), (2, False)])
+    # and each layer prunes on its own: the pruned file gives each Mul the slices it needs
+    prune_ok(capsys, tmp_path / "shared.onnx", tmp_path)
 
 
 def shape_reshape_model(path: Path, opset: int) -> Path:
@@ -482,3 +472,30 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     _make_fixtures(Path(sys.argv[1]) if len(sys.argv) > 1 else DATA)
+
+
+@pytest.mark.parametrize("pruned_layer", ["w1", "w3"])
+def test_shared_per_channel_constant_prunes_one_reader(pruned_layer: str, tmp_path: Path) -> None:
+    """Only one reader of the shared constant loses channels: the other keeps its full copy (the
+    source sliced in place, or the copy written apart), exactly as predicted."""
+    from morphonnx.analysis import analyze
+    from morphonnx.prune import check_pruned, prune_model, save_model
+    from morphonnx.verify import verify
+
+    path = shared_scale_model(tmp_path / "shared.onnx")
+    a = analyze(path)
+    group = next(
+        g
+        for g in a.solution.groups
+        if any(m.tensor == pruned_layer and m.axis == 0 for m in g.members)
+    )
+    keep = {group.id: [True, False, True, False]}
+    _, predicted = a.predict(keep)
+    out = tmp_path / "pruned.onnx"
+    save_model(prune_model(a, keep), out, path)
+    check_pruned(out, str(out))
+    assert verify(analyze(path), keep, onnx.load(out)).ok
+    after = analyze(out)
+    assert (after.totals.macs, after.totals.params) == (predicted.macs, predicted.params)
+    kept = {t.name: tuple(t.dims) for t in onnx.load(out).graph.initializer}
+    assert sorted(d for n, d in kept.items() if n.startswith("k")) == [(1, 2, 1, 1), (1, 4, 1, 1)]
