@@ -6,7 +6,9 @@
   parameters; shape vectors and indices are not parameters).
 - ``bytes``: what the op reads and writes: computed inputs + outputs + float constant inputs, each
   at its dtype size (or the device's ``bytes_per_element``), at the graph's batch.
-- latency on a device: ``max(flops / peak_flops, bytes / mem_bandwidth)``.
+- latency on a device: ``Device.latency``: ``overhead + max(flops / peak(kind), bytes /
+  mem_bandwidth)``, where ``kind`` is the op's kind (dense conv, depthwise conv, Gemm/MatMul) for
+  profiles that give a peak per kind; nodes that only compute constants cost nothing.
 
 Costs are a function of tensor shapes only, so the costs of a pruned model can be predicted by
 running the same functions on the shrunk shapes (``shape_of``).
@@ -18,7 +20,7 @@ import math
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from morphonnx.devices import Device
+from morphonnx.devices import Device, op_kind
 from morphonnx.graph import Graph, Node, Shape
 
 ShapeOf = Callable[[str], Shape | None]
@@ -37,6 +39,7 @@ class OpCost:
     params: int
     bytes: int
     elements: int  # activations read + written + weights, for devices that fix the element size
+    kind: str | None = None  # op kind for per-kind peaks (morphonnx.devices.OP_KINDS)
 
     @property
     def flops(self) -> int:
@@ -49,12 +52,14 @@ class OpCost:
         return self.elements * device.bytes_per_element
 
     def latency(self, device: Device) -> float:
-        """Roofline seconds: ``max(flops / peak_flops, nbytes / mem_bandwidth)``."""
-        return device.latency(self.flops, self.nbytes(device))
+        """Roofline seconds on ``device`` (:meth:`Device.latency`); 0 for constant-only nodes."""
+        if not self.macs and not self.elements:
+            return 0.0
+        return device.latency(self.flops, self.nbytes(device), self.kind)
 
     def bound(self, device: Device) -> str:
         """``"compute"`` or ``"memory"``: which side of the roofline sets the latency."""
-        return device.bound(self.flops, self.nbytes(device))
+        return device.bound(self.flops, self.nbytes(device), self.kind)
 
 
 @dataclass
@@ -93,6 +98,18 @@ def node_macs(node: Node, shape_of: ShapeOf) -> int:
     return _numel(y) * max(k, 0)  # Gemm: M*N*K; MatMul: every output is a K-long dot product
 
 
+def is_depthwise(node: Node, shape_of: ShapeOf) -> bool:
+    """A Conv/ConvTranspose with one input channel per group (and more than one group)."""
+    groups = int(node.attr("group", 1))
+    if node.op_type not in ("Conv", "ConvTranspose") or groups == 1 or len(node.inputs) < 2:
+        return False
+    w = shape_of(node.inputs[1])
+    if w is None or len(w) < 2:
+        return False
+    per_group_in = w[0] // groups if node.op_type == "ConvTranspose" else w[1]
+    return per_group_in == 1
+
+
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
     """Cost of every node in graph order; nodes that only compute constants cost nothing."""
     shape = shape_of or graph.shape
@@ -117,7 +134,8 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
                 elements += n
                 nbytes += n * graph.info(t).itemsize
         macs = node_macs(node, shape)
-        result.append(OpCost(node.name, node.op_type, macs, params, nbytes, elements))
+        kind = op_kind(node.op_type, is_depthwise(node, shape)) if node.standard else None
+        result.append(OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind))
     return result
 
 

@@ -5,7 +5,13 @@ roofline model: an op takes as long as the slower of its compute (FLOPs / peak F
 its memory traffic (bytes / memory bandwidth). That is cheap, needs no hardware, and is
 enough to rank which channels cost the most time, so pruning can target latency rather than
 FLOPs. This module holds the device numbers: MorphNet's own table, a few current
-accelerators, and user profiles read from ``.json`` or ``.toml`` files.
+accelerators, and user profiles read from ``.json`` or ``.toml`` files (``morphonnx calibrate``
+writes one for the machine it runs on).
+
+One peak is a poor fit for real kernels: a depthwise conv reaches a small fraction of what a dense
+conv does, and every op pays a fixed launch/dispatch cost however small it is. A profile may
+therefore give a peak per op kind (:data:`OP_KINDS`) and a per-op overhead; :meth:`Device.latency`
+is the one roofline formula every cost (analyze, spec, the adapters' latency loss) goes through.
 """
 
 from __future__ import annotations
@@ -24,9 +30,31 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-__all__ = ["BUILTIN", "Device", "list_devices", "resolve_device"]
+__all__ = [
+    "BUILTIN",
+    "OP_KINDS",
+    "Device",
+    "list_devices",
+    "op_kind",
+    "profile_toml",
+    "resolve_device",
+]
 
 _GIGA = 1e9
+_MICRO = 1e-6
+
+OP_KINDS = ("conv", "depthwise", "gemm")
+"""Op kinds a profile may give its own peak: dense (and grouped) convolutions, depthwise
+convolutions, and Gemm/MatMul. Every other op uses ``peak_flops``."""
+
+
+def op_kind(op_type: str, depthwise: bool = False) -> str | None:
+    """The :data:`OP_KINDS` entry of an op (None for ops without one of their own)."""
+    if op_type in ("Conv", "ConvTranspose"):
+        return "depthwise" if depthwise else "conv"
+    if op_type in ("Gemm", "MatMul"):
+        return "gemm"
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,24 +66,35 @@ class Device:
     mem_bandwidth: float  # bytes/s
     bytes_per_element: int | None = None  # overrides tensor dtype size when set
     note: str = ""
+    op_peaks: tuple[tuple[str, float], ...] = ()  # (op kind, FLOP/s) pairs overriding peak_flops
+    overhead: float = 0.0  # seconds every op pays on top of its roofline time
+    threads: int | None = None  # intra-op threads the profile was measured with (calibrate)
 
     def __post_init__(self) -> None:
-        for field, value in (
-            ("peak_flops", self.peak_flops),
-            ("mem_bandwidth", self.mem_bandwidth),
-        ):
+        rates = [("peak_flops", self.peak_flops), ("mem_bandwidth", self.mem_bandwidth)]
+        for field, value in rates + [(f"peak of {k}", v) for k, v in self.op_peaks]:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"device {self.name!r}: {field} must be a positive number")
+        unknown = [k for k, _ in self.op_peaks if k not in OP_KINDS]
+        if unknown:
+            raise ValueError(f"device {self.name!r}: unknown op kind {unknown[0]!r}")
+        if not (math.isfinite(self.overhead) and self.overhead >= 0):
+            raise ValueError(f"device {self.name!r}: overhead must be 0 or more seconds")
         if self.bytes_per_element is not None and self.bytes_per_element <= 0:
             raise ValueError(f"device {self.name!r}: bytes_per_element must be positive")
 
-    def latency(self, flops: float, nbytes: float) -> float:
-        """Roofline latency in seconds: max(flops / peak_flops, nbytes / mem_bandwidth)."""
-        return max(flops / self.peak_flops, nbytes / self.mem_bandwidth)
+    def peak(self, kind: str | None = None) -> float:
+        """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else ``peak_flops``."""
+        return dict(self.op_peaks).get(kind or "", self.peak_flops)
 
-    def bound(self, flops: float, nbytes: float) -> str:
+    def latency(self, flops: float, nbytes: float, kind: str | None = None) -> float:
+        """Roofline seconds of one op: ``overhead + max(flops / peak(kind), nbytes /
+        mem_bandwidth)``; built-in profiles have no overhead and one peak (MorphNet's model)."""
+        return self.overhead + max(flops / self.peak(kind), nbytes / self.mem_bandwidth)
+
+    def bound(self, flops: float, nbytes: float, kind: str | None = None) -> str:
         """``"compute"`` if compute time >= memory time, else ``"memory"``."""
-        if flops / self.peak_flops >= nbytes / self.mem_bandwidth:
+        if flops / self.peak(kind) >= nbytes / self.mem_bandwidth:
             return "compute"
         return "memory"
 
@@ -129,6 +168,11 @@ _KNOWN = {
     "mem_bandwidth_gbps",
     "bytes_per_element",
     "note",
+    "peak_flops_by_op",
+    "peak_gflops_by_op",
+    "overhead_s",
+    "overhead_us",
+    "threads",
 }
 
 
@@ -149,6 +193,41 @@ def _rate(where: str, data: dict[str, Any], base: str, giga: str) -> float:
     if giga in data:
         return _positive_number(where, data, giga) * _GIGA
     raise MorphonnxError(f"{where}: missing key {base!r} (or {giga!r})")
+
+
+def _op_peaks(where: str, data: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    if "peak_flops_by_op" in data and "peak_gflops_by_op" in data:
+        raise MorphonnxError(
+            f"{where}: give only one of 'peak_flops_by_op' and 'peak_gflops_by_op'"
+        )
+    key = "peak_gflops_by_op" if "peak_gflops_by_op" in data else "peak_flops_by_op"
+    table = data.get(key, {})
+    if not isinstance(table, dict):
+        raise MorphonnxError(f"{where}: {key!r} must be a table of op kind = number")
+    unknown = sorted(set(table) - set(OP_KINDS))
+    if unknown:
+        raise MorphonnxError(
+            f"{where}: unknown op kind(s) in {key!r}: {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(OP_KINDS)}"
+        )
+    scale = _GIGA if key == "peak_gflops_by_op" else 1.0
+    return tuple(
+        (k, _positive_number(f"{where}: {key}", table, k) * scale) for k in OP_KINDS if k in table
+    )
+
+
+def _overhead(where: str, data: dict[str, Any]) -> float:
+    if "overhead_s" in data and "overhead_us" in data:
+        raise MorphonnxError(f"{where}: give only one of 'overhead_s' and 'overhead_us'")
+    key = "overhead_us" if "overhead_us" in data else "overhead_s"
+    if key not in data:
+        return 0.0
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise MorphonnxError(f"{where}: {key!r} must be a number, got {value!r}")
+    if value < 0:
+        raise MorphonnxError(f"{where}: {key!r} must be 0 or more, got {value!r}")
+    return float(value) * (_MICRO if key == "overhead_us" else 1.0)
 
 
 def _load_profile(path: Path) -> Device:
@@ -191,9 +270,44 @@ def _load_profile(path: Path) -> Device:
     note = data.get("note", f"user profile {where}")
     if not isinstance(note, str):
         raise MorphonnxError(f"{where}: 'note' must be a string, got {note!r}")
+    threads = data.get("threads")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 0
+    ):
+        raise MorphonnxError(f"{where}: 'threads' must be an integer >= 0, got {threads!r}")
     return Device(
-        name=name, peak_flops=peak, mem_bandwidth=bandwidth, bytes_per_element=bpe, note=note
+        name=name,
+        peak_flops=peak,
+        mem_bandwidth=bandwidth,
+        bytes_per_element=bpe,
+        note=note,
+        op_peaks=_op_peaks(where, data),
+        overhead=_overhead(where, data),
+        threads=threads,
     )
+
+
+def profile_toml(device: Device) -> str:
+    """``device`` as a TOML profile that :func:`resolve_device` reads back to an equal Device."""
+
+    def num(x: float) -> str:
+        return repr(float(x))
+
+    lines = [
+        f"name = {json.dumps(device.name)}",
+        f"note = {json.dumps(_one_line(device.note))}",
+        f"peak_gflops = {num(device.peak_flops / _GIGA)}",
+        f"mem_bandwidth_gbps = {num(device.mem_bandwidth / _GIGA)}",
+        f"overhead_us = {num(device.overhead / _MICRO)}",
+    ]
+    if device.bytes_per_element is not None:
+        lines.append(f"bytes_per_element = {device.bytes_per_element}")
+    if device.threads is not None:
+        lines.append(f"threads = {device.threads}")
+    if device.op_peaks:
+        lines += ["", "[peak_gflops_by_op]"]
+        lines += [f"{k} = {num(v / _GIGA)}" for k, v in device.op_peaks]
+    return "\n".join(lines) + "\n"
 
 
 def resolve_device(spec: str) -> Device:

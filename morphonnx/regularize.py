@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from morphonnx.devices import Device
+from morphonnx.devices import Device, op_kind
 
 KINDS = ("gamma", "group_lasso")
 COSTS = ("flops", "size", "latency")
@@ -151,7 +151,8 @@ def cost_and_loss(
 
     ``vectors`` maps group id to its regularization vector; groups missing from it count with all
     their channels alive and no gradient. ``cost``: flops, size (weights) or latency (roofline on
-    ``device``; per op the compute or memory branch, whichever is larger at the current counts).
+    ``device`` through :meth:`Device.latency`, with the op kind's peak and the per-op overhead, as
+    ``analyze``; the loss follows the compute or memory branch, whichever is larger now).
     """
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}")
@@ -182,11 +183,11 @@ def cost_and_loss(
                 + t["size_coeff"] * pair_cost
                 + t["bias_elems"] * o.alive
             )
-            if flops / device.peak_flops >= nbytes / device.mem_bandwidth:
-                total_cost += flops / device.peak_flops
-                total_loss = total_loss + t["flop_coeff"] * pair_loss / device.peak_flops
+            kind = op_kind(t["op_type"], dw)
+            total_cost += device.latency(flops, nbytes, kind)
+            if device.bound(flops, nbytes, kind) == "compute":
+                total_loss = total_loss + t["flop_coeff"] * pair_loss / device.peak(kind)
             else:
-                total_cost += nbytes / device.mem_bandwidth
                 mem_loss = size * (
                     t["in_elems"] * i.reg
                     + t["out_elems"] * o.reg

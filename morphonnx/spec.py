@@ -15,7 +15,7 @@ import numpy as np
 
 from morphonnx.analysis import Analysis
 from morphonnx.channels import Slot
-from morphonnx.costs import node_macs
+from morphonnx.costs import is_depthwise, node_macs
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import SPEC_FORMAT, VERSION, read_json
 from morphonnx.graph import Node
@@ -77,9 +77,7 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
         cin, cout = (g.shape(x) or ())[ax], (g.shape(y) or ())[ay]
         w_shape = g.shape(node.inputs[1]) or ()
         w_elems = int(np.prod(w_shape))
-        groups = int(node.attr("group", 1))
-        per_group_in = w_shape[0] // groups if node.op_type == "ConvTranspose" else w_shape[1]
-        depthwise = node.op_type in ("Conv", "ConvTranspose") and groups > 1 and per_group_in == 1
+        depthwise = is_depthwise(node, g.shape)
         macs = node_macs(node, g.shape)
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
         bias_elems = int(np.prod(g.shape(bias) or ())) if bias and g.is_const(bias) else 0
