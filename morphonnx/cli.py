@@ -49,6 +49,24 @@ def _model_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
         )
 
 
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="onnxruntime intra-op threads, as you run inference (default: the device profile's, "
+        "else onnxruntime's default)",
+    )
+
+
+def _measure_args(p: argparse.ArgumentParser, repeats: int) -> None:
+    _threads_arg(p)
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument(
+        "--repeats", type=int, default=repeats, help=f"timed runs, median (default {repeats})"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the contract's one-line errors (argparse prints the usage first)."""
 
@@ -70,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.add_argument("--top", type=int, default=10, metavar="K", help="layers to list (default 10)")
+    p.add_argument(
+        "--plot", metavar="ROOFLINE.png", help="per-layer time on the first device, by bound"
+    )
 
     p = sub.add_parser("spec", help="write the group spec that training adapters consume")
     _model_args(p)
@@ -85,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="HIST.png", help="plot sorted values and histogram")
     p.add_argument("--kind", choices=["gamma", "group_lasso"], default="gamma")
     p.add_argument("--l1-fraction", type=float, default=0.0, help="group-LASSO L1 mix (0..1)")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        metavar="K",
+        help="alive count of each group to the nearest multiple of K (strongest channels kept)",
+    )
 
     p = sub.add_parser("prune", help="remove dead channels; verify against the masked original")
     _model_args(p)
@@ -92,6 +119,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--structure", metavar="OUT.json", help="write alive channels per layer")
+    p.add_argument("--plot", metavar="WIDTHS.png", help="plot channels per layer before/after")
+
+    p = sub.add_parser("calibrate", help="measure this machine; write a device profile")
+    p.add_argument("-o", "--output", required=True, metavar="PROFILE.toml")
+    p.add_argument("--name", help="profile name (default: the output file's stem)")
+    _threads_arg(p)
+    p.add_argument("--quick", action="store_true", help="small problem sizes (rough, seconds)")
+
+    p = sub.add_parser("profile", help="measured time per node next to the predicted time")
+    _model_args(p)
+    _measure_args(p, repeats=20)
+    p.add_argument("--top", type=int, default=15, metavar="K", help="nodes to list (default 15)")
+    p.add_argument("--json", metavar="OUT", help="also write the per-node times as JSON")
+
+    p = sub.add_parser("sweep", help="random-width variants measured: which cost ranks latency")
+    _model_args(p)
+    _measure_args(p, repeats=10)
+    p.add_argument("-n", "--variants", type=int, required=True, metavar="N")
+    p.add_argument("-o", "--output", required=True, metavar="SWEEP.csv", help="(resumed)")
+    p.add_argument("--plot", metavar="SWEEP.png", help="scatter plots of predicted vs measured")
+    p.add_argument("--seed", type=int, default=0, help="random masks' seed (default 0)")
+    p.add_argument("--keep-models", metavar="DIR", help="keep the pruned variants in DIR")
 
     p = sub.add_parser("devices", help="list built-in device profiles")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -126,7 +175,7 @@ def _check_outputs(args: argparse.Namespace, *outs: str | None) -> None:
     """Before any work: every output goes to an existing folder, is not a folder itself, and
     overwrites neither an input of the command (model, spec, mask, device profile) nor another
     output, so a failed or mistyped command never destroys a file the user still needs."""
-    inputs = [("input model", args.model)]
+    inputs = [("input model", getattr(args, "model", None))]
     inputs += [("spec", getattr(args, "spec", None)), ("mask", getattr(args, "mask", None))]
     inputs += [("device profile", d) for d in getattr(args, "device", None) or []]
     given = [o for o in outs if o]
@@ -152,12 +201,17 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> None:
 
     if args.top < 0:
         raise MorphonnxError(f"--top must be 0 or more, got {args.top}")
-    _check_outputs(args, args.json)
+    _check_outputs(args, args.json, args.plot)
     a = _analysis(args)
     print_analysis(console, a, args.top)
     if args.json:
         write_json(args.json, report_json(a))
         console.print(f"wrote {args.json}")
+    if args.plot:
+        from morphonnx.plots import plot_roofline
+
+        plot_roofline(a, a.devices[0], args.plot)
+        console.print(f"wrote {args.plot}")
 
 
 def cmd_spec(args: argparse.Namespace, console: Any) -> None:
@@ -219,7 +273,11 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.report import print_verification, totals_table
     from morphonnx.verify import verify
 
-    _check_outputs(args, args.output, args.structure)
+    _check_outputs(args, args.output, args.structure, args.plot)
+    if args.plot:
+        from morphonnx.plots import pyplot
+
+        pyplot(args.plot)  # a missing matplotlib stops the command before any work
     a = _analysis(args)
     keep = load_mask(a, args.mask)
     _, predicted = a.predict(keep)
@@ -253,7 +311,124 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
         console.print("[yellow]note: costs differ from the mask's prediction[/yellow]")
     if args.structure:
         console.print(f"wrote {args.structure}")
+    if args.plot:
+        from morphonnx.plots import plot_widths
+
+        title = f"{Path(args.model).name}: output channels per layer"
+        plot_widths(layers["layers"], title, args.plot)
+        console.print(f"wrote {args.plot}")
     console.print(f"wrote {args.output}")
+
+
+def _run_config(args: argparse.Namespace, devices: Sequence[Any]) -> Any:
+    """Threads from ``--threads``, else from the first device profile that was calibrated."""
+    from morphonnx.runtime import RunConfig
+
+    threads = args.threads
+    if threads is None:
+        threads = next((d.threads for d in devices if d.threads is not None), 0)
+    for flag, value, least in (
+        ("--threads", threads, 0),
+        ("--warmup", args.warmup, 0),
+        ("--repeats", args.repeats, 1),
+    ):
+        if value < least:
+            raise MorphonnxError(f"{flag} must be {least} or more, got {value}")
+    return RunConfig(threads=threads, warmup=args.warmup, repeats=args.repeats)
+
+
+def cmd_calibrate(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.calibrate import calibrate
+    from morphonnx.devices import profile_toml
+    from morphonnx.formats import write_text
+    from morphonnx.report import print_calibration
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".toml":
+        raise MorphonnxError(f"{args.output}: the profile is written as TOML; name it *.toml")
+    if args.threads is not None and args.threads < 0:
+        raise MorphonnxError(f"--threads must be 0 or more, got {args.threads}")
+    _check_outputs(args, args.output)
+    name = args.name or out.stem
+    with console.status("measuring") as status:
+        c = calibrate(
+            name, args.threads or 0, args.quick, lambda w: status.update(f"measuring {w}")
+        )
+    print_calibration(console, c)
+    text = profile_toml(c.device)
+    write_text(out, text)
+    console.print(f"wrote {args.output} (use it as --device {args.output})")
+
+
+def cmd_profile(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.formats import write_json
+    from morphonnx.profiling import profile
+    from morphonnx.report import print_profile
+
+    if len(args.device) > 1:
+        raise MorphonnxError("profile compares with one device; give --device once")
+    if args.top < 0:
+        raise MorphonnxError(f"--top must be 0 or more, got {args.top}")
+    args.device = args.device or ["CPU"]
+    _check_outputs(args, args.json)
+    a = _analysis(args)
+    p = profile(a, a.devices[0], _run_config(args, a.devices))
+    print_profile(console, p, args.top)
+    if args.json:
+        write_json(args.json, p.document())
+        console.print(f"wrote {args.json}")
+
+
+def cmd_sweep(args: argparse.Namespace, console: Any) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from morphonnx.devices import BUILTIN, resolve_device
+    from morphonnx.plots import plot_sweep, pyplot
+    from morphonnx.report import print_correlations
+    from morphonnx.sweep import SweepSetup, column, correlations, run_sweep, shapes_tuple
+
+    if args.variants < 2:
+        raise MorphonnxError(
+            f"-n must be 2 or more (a rank correlation needs two), got {args.variants}"
+        )
+    models = Path(args.keep_models) if args.keep_models else None
+    if models is not None and not models.is_dir():
+        raise MorphonnxError(f"{args.keep_models}: folder does not exist")
+    _check_outputs(args, args.output, args.plot)
+    if args.plot:
+        pyplot(args.plot)  # a missing matplotlib stops the command before any measuring
+    devices = [BUILTIN["CPU"]]
+    for d in map(resolve_device, args.device):
+        if all(d.name != e.name for e in devices):
+            devices.append(d)
+    setup = SweepSetup(
+        model=args.model,
+        seed=args.seed,
+        devices=tuple(devices),
+        config=_run_config(args, devices),
+        batch=args.batch,
+        input_shapes=shapes_tuple(dict(args.input_shape)),
+    )
+    with Progress(
+        "variants", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        task = bar.add_task("sweep", total=args.variants)
+        rows = run_sweep(
+            setup,
+            args.variants,
+            Path(args.output),
+            models,
+            lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    rho = correlations(setup, rows)
+    print_correlations(console, rho, len(rows))
+    console.print(f"wrote {args.output}")
+    if args.plot:
+        measured = column(rows, "measured_s")
+        xs = {p: column(rows, p) for p in setup.predictors()}
+        title = f"{Path(args.model).name}: {len(rows)} random-width variants"
+        plot_sweep(xs, measured, rho, title, args.plot)
+        console.print(f"wrote {args.plot}")
 
 
 def cmd_devices(args: argparse.Namespace, console: Any) -> None:
@@ -274,6 +449,9 @@ COMMANDS = {
     "mask": cmd_mask,
     "prune": cmd_prune,
     "devices": cmd_devices,
+    "calibrate": cmd_calibrate,
+    "profile": cmd_profile,
+    "sweep": cmd_sweep,
 }
 
 

@@ -116,6 +116,15 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     atomic_write(path, write)
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (profiles, CSV)."""
+
+    def write(p: Path) -> None:
+        p.write_text(text)
+
+    atomic_write(path, write)
+
+
 def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, Any]:
     """Read a spec or mask, refusing anything that is not that format's current version."""
     p = Path(path)

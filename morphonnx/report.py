@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from morphonnx.analysis import Analysis, unsupported_ops
+from morphonnx.calibrate import Calibration
 from morphonnx.costs import OpCost, Totals
 from morphonnx.devices import Device
-from morphonnx.errors import MorphonnxError
+from morphonnx.plots import pyplot, save
+from morphonnx.profiling import Profile
 from morphonnx.verify import Verification
 
 
@@ -152,15 +153,7 @@ def print_verification(console: Console, v: Verification) -> None:
 
 def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> None:
     """Sorted regularization values (log scale) and their histogram, threshold marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MorphonnxError(
-            f"{path}: --plot needs matplotlib (pip install morphonnx[plot])"
-        ) from None
+    plt = pyplot(path)
     allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.semilogy(np.maximum(allv, 1e-12), ".", markersize=2)
@@ -175,6 +168,50 @@ def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -
     right.set_ylabel("channels")
     fig.suptitle(f"{len(allv)} channels, {int((allv > threshold).sum())} alive")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
+
+
+def print_calibration(console: Console, c: Calibration) -> None:
+    t = Table(title=f"Calibration of {c.device.name} ({c.device.note})")
+    for col in ("measured", "FLOPs", "bytes", "own time", "rate"):
+        t.add_column(col, justify="left" if col == "measured" else "right")
+    for m in c.measurements:
+        rate = si(m.rate, "FLOP/s" if m.flops else "B/s") if m.flops or m.nbytes else "overhead"
+        t.add_row(m.what, si(m.flops), si(m.nbytes, "B"), seconds(m.seconds), rate)
+    console.print(t)
+    console.print(f"a run's own cost (one tiny op): {seconds(c.call_overhead)}")
+
+
+def print_profile(console: Console, p: Profile, top: int) -> None:
+    d = p.device.name
+    nodes = sorted(p.nodes, key=lambda n: n.measured or 0.0, reverse=True)[:top]
+    t = Table(title=f"Top {top} nodes by measured time (predicted on {d})")
+    for col in ("node", "op", "measured", "predicted", "predicted / measured"):
+        t.add_column(col, justify="left" if col in ("node", "op") else "right")
+    for n in nodes:
+        ratio = f"{n.predicted / n.measured:.2f}" if n.measured else "-"
+        shown = seconds(n.measured) if n.measured is not None else "not run"
+        t.add_row(n.name, n.op_type, shown, seconds(n.predicted), ratio)
+    console.print(t)
+    t = Table(title="Where the model misses (by op type, largest gap first)")
+    for col in ("op type", "nodes", "measured", "predicted", "predicted / measured"):
+        t.add_column(col, justify="left" if col == "op type" else "right")
+    for m in p.by_op_type():
+        ratio = f"{m.ratio:.2f}" if m.ratio is not None else "-"
+        t.add_row(m.op_type, str(m.nodes), seconds(m.measured), seconds(m.predicted), ratio)
+    console.print(t)
+    unmeasured = sum(1 for n in p.nodes if n.measured is None)
+    console.print(
+        f"total: measured {seconds(p.measured_total)} in kernels ({seconds(p.run)} per run, "
+        f"{p.config.repeats} runs, graph optimizations off), predicted {seconds(p.predicted_total)}"
+        f" on {d}; {len(p.nodes) - unmeasured} of {len(p.nodes)} nodes ran a kernel"
+    )
+
+
+def print_correlations(console: Console, rho: Mapping[str, float | None], n: int) -> None:
+    t = Table(title=f"Spearman rank correlation with measured latency ({n} variants)")
+    t.add_column("predictor")
+    t.add_column("Spearman", justify="right")
+    for name, r in rho.items():
+        t.add_row(name, "n/a" if r is None else f"{r:.3f}")
+    console.print(t)

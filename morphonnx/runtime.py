@@ -75,7 +75,7 @@ def random_feeds(
     """Random inputs for every session input, at ``shapes`` where given (the analysis's shapes:
     ``--batch``, ``--input-shape``); other dynamic dims become 1."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for i in sess.get_inputs():
         dtype = _ORT_TYPES.get(i.type)
         if dtype is None:

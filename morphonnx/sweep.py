@@ -26,7 +26,7 @@ import numpy as np
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import atomic_write
+from morphonnx.formats import write_text
 from morphonnx.prune import check_pruned, prune_model, save_model
 from morphonnx.runtime import RunConfig, median_latency
 
@@ -125,7 +125,7 @@ def write_rows(path: Path, setup: SweepSetup, rows: Sequence[Row]) -> None:
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: int(r["variant"])))
     text = buf.getvalue()
-    atomic_write(path, lambda p: p.write_text(text))
+    write_text(path, text)
 
 
 def measure_variant(setup: SweepSetup, keep: Keep, out: Path) -> float:
