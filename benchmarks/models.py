@@ -215,6 +215,81 @@ def resnet50_path(cache_dir: Path | str = CACHE_DIR, force: bool = False, log=pr
     return path
 
 
+def _build_torch_mobilenet_v2():
+    """torchvision's MobileNetV2 (width 1.0) in plain torch: inverted residuals with ReLU6."""
+    from torch import nn
+
+    def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True):
+        layers = [
+            nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        return nn.Sequential(*layers, *([nn.ReLU6(inplace=True)] if act else []))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int, expand: int):
+            super().__init__()
+            hidden = cin * expand
+            self.residual = stride == 1 and cin == cout
+            layers = [conv_bn(cin, hidden, 1)] if expand != 1 else []
+            layers += [
+                conv_bn(hidden, hidden, 3, stride, hidden),
+                conv_bn(hidden, cout, 1, act=False),
+            ]
+            self.conv = nn.Sequential(*layers)
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self, num_classes: int = 1000):
+            super().__init__()
+            cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1)]
+            cfg += [(6, 160, 3, 2), (6, 320, 1, 1)]
+            layers, cin = [conv_bn(3, 32, 3, 2)], 32
+            for t, c, n, s in cfg:
+                for i in range(n):
+                    layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                    cin = c
+            layers.append(conv_bn(cin, 1280, 1))
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Linear(1280, num_classes)
+
+        def forward(self, x):
+            x = self.features(x).mean((2, 3))
+            return self.classifier(x)
+
+    return MobileNetV2()
+
+
+def mobilenet_v2_path(cache_dir: Path | str = CACHE_DIR, force: bool = False, log=print) -> Path:
+    """MobileNetV2 at 1x3x224x224, exported with torch (needs torch)."""
+    import warnings
+
+    import torch
+
+    cache_dir = ensure_cache_dir(cache_dir)
+    path = cache_dir / f"mobilenet_v2_torch_v{MODEL_VERSION}.onnx"
+    if force or not path.exists():
+        log(f"[models] exporting MobileNetV2 with torch -> {path}")
+        torch.manual_seed(0)
+        model = _build_torch_mobilenet_v2().eval()
+        tmp = path.with_suffix(".tmp.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (torch.randn(1, 3, 224, 224),),
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                output_names=["logits"],
+            )
+        os.replace(tmp, path)
+    return path
+
+
 # --------------------------------------------------------------------------
 # (b) 10k-node chain
 # --------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from morphonnx.costs import OpCost, ShapeOf, Totals, op_costs, totals
 from morphonnx.devices import Device
 from morphonnx.formats import fingerprint
@@ -45,17 +47,46 @@ class Analysis:
 
         return shape_of
 
+    def resized_shapes(self, widths: Mapping[str, int]) -> ShapeOf:
+        """Tensor shapes when each group in ``widths`` has that many channels, fewer or more than
+        now (``expand``): a group's share of a slot scales with it, tied slots stay tied."""
+        sol = self.solution
+        owner = np.full(sol.channels.n_vars, -1, dtype=np.int64)
+        scale = np.ones(len(sol.groups))
+        for i, g in enumerate(sol.groups):
+            if g.id in widths:
+                owner[g.labels] = i
+                scale[i] = widths[g.id] / g.channels
+        new: dict[str, list[int]] = {}
+        for slot in sol.channels.slots:
+            own = owner[sol.slot_labels(slot)]
+            if not (own >= 0).any():
+                continue
+            per_group = np.bincount(own[own >= 0], minlength=len(sol.groups))
+            size = int((own < 0).sum()) + int(round(float((per_group * scale).sum())))
+            shape = new.setdefault(slot.tensor, list(self.graph.shape(slot.tensor) or ()))
+            shape[slot.axis] = size
+
+        def shape_of(name: str) -> Shape | None:
+            s = new.get(name)
+            return tuple(s) if s is not None else self.graph.shape(name)
+
+        return shape_of
+
     def predict(self, mask: Mapping[str, Sequence[bool]]) -> tuple[list[OpCost], Totals]:
         """Costs of the model pruned with ``mask``: the same cost model on the shrunk shapes."""
-        shape_of = self.shrunk_shapes(mask)
+        return self.costs_at(self.shrunk_shapes(mask))
+
+    def costs_at(self, shape_of: ShapeOf) -> tuple[list[OpCost], Totals]:
+        """Costs of the model with tensor shapes ``shape_of`` (costs are a function of shapes)."""
         costs = op_costs(self.graph, shape_of)
-        sliced = {  # folded weights that lose slices are written as initializers of their own
+        resized = {  # folded weights that change are written as initializers of their own
             s.tensor
             for s in self.solution.channels.slots
             if s.const and shape_of(s.tensor) != self.graph.shape(s.tensor)
         }
-        sliced.update(self.graph.materialized_copies(sliced))
-        return costs, totals(self.graph, costs, self.devices, shape_of, sliced)
+        resized.update(self.graph.materialized_copies(resized))
+        return costs, totals(self.graph, costs, self.devices, shape_of, resized)
 
 
 def analyze(

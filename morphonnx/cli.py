@@ -121,6 +121,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", metavar="OUT.json", help="write alive channels per layer")
     p.add_argument("--plot", metavar="WIDTHS.png", help="plot channels per layer before/after")
 
+    p = sub.add_parser("expand", help="widen the learned structure back to a cost budget")
+    _model_args(p)
+    p.add_argument("--mask", required=True, metavar="MASK.json")
+    p.add_argument("--target", required=True, choices=["flops", "size", "latency"])
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="cost to reach: FLOPs, parameters or seconds (default: the model's own cost)",
+    )
+    p.add_argument("--round-to", type=int, metavar="K", help="widths to multiples of K")
+    p.add_argument("-o", "--output", required=True, metavar="WIDTHS.json")
+    p.add_argument("--onnx", metavar="EXPANDED.onnx", help="also write a model of that structure")
+
     p = sub.add_parser("calibrate", help="measure this machine; write a device profile")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.toml")
     p.add_argument("--name", help="profile name (default: the output file's stem)")
@@ -250,7 +263,7 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
         console.print(note)
     else:
         threshold = args.threshold
-    result = make_mask(values, threshold)
+    result = make_mask(values, threshold, args.round_to)
     if result.rescued:
         console.print(
             f"[yellow]threshold {threshold:.3g} kills every channel of {', '.join(result.rescued)}:"
@@ -317,6 +330,35 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
         title = f"{Path(args.model).name}: output channels per layer"
         plot_widths(layers["layers"], title, args.plot)
         console.print(f"wrote {args.plot}")
+    console.print(f"wrote {args.output}")
+
+
+def cmd_expand(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.expand import expand, expand_model
+    from morphonnx.formats import write_json
+    from morphonnx.mask import load_mask
+    from morphonnx.prune import check_pruned, save_model
+    from morphonnx.report import totals_table
+
+    _check_outputs(args, args.output, args.onnx)
+    a = _analysis(args)
+    keep = load_mask(a, args.mask)
+    device = a.devices[0] if args.target == "latency" else None
+    e = expand(a, keep, args.target, device, args.budget, args.round_to)
+    alive = sum(e.alive.values())
+    console.print(
+        f"width multiplier {e.multiplier:.4g}: {alive:,} alive channels -> "
+        f"{sum(e.widths.values()):,}; {args.target} {e.cost:.4g} of budget {e.budget:.4g}"
+    )
+    _, masked = a.predict(keep)
+    rows = [("original", a.totals), ("mask", masked), ("expanded", e.totals)]
+    console.print(totals_table("Costs", rows, a.devices))
+    doc = e.document(a)
+    if args.onnx:
+        model = expand_model(a, keep, e.widths)
+        save_model(model, args.onnx, a.graph.path, lambda p: check_pruned(p, args.onnx))
+        console.print(f"wrote {args.onnx}")
+    write_json(args.output, doc)
     console.print(f"wrote {args.output}")
 
 
@@ -449,6 +491,7 @@ COMMANDS = {
     "mask": cmd_mask,
     "prune": cmd_prune,
     "devices": cmd_devices,
+    "expand": cmd_expand,
     "calibrate": cmd_calibrate,
     "profile": cmd_profile,
     "sweep": cmd_sweep,

@@ -3,6 +3,12 @@
 A threshold that would empty a whole group keeps that group's strongest channel instead (a layer
 with no channels is not a smaller network but a broken one); the groups this happened to are
 reported, so a user can see the threshold was too high for them.
+
+``round_to=K`` then makes each group's alive count a multiple of K (hardware runs such widths
+faster): the nearest multiple (halves round up), at least K, never more than the group has (then
+the largest multiple of K that fits, or the whole group when it has fewer than K channels). The
+strongest channels are the ones kept: rounding down drops the weakest alive ones, rounding up
+revives the strongest dead ones.
 """
 
 from __future__ import annotations
@@ -96,7 +102,30 @@ def auto_threshold(values: dict[str, np.ndarray]) -> tuple[float, str]:
     )
 
 
-def make_mask(values: dict[str, np.ndarray], threshold: float) -> MaskResult:
+def rounded_count(alive: int, channels: int, k: int) -> int:
+    """``alive`` to the nearest multiple of ``k`` (halves up), at least ``k``, at most what fits
+    in ``channels`` (all of them when fewer than ``k``)."""
+    n = max(k, (2 * alive + k) // (2 * k) * k)
+    if n > channels:
+        n = channels // k * k or channels
+    return n
+
+
+def strongest(vec: np.ndarray, n: int) -> np.ndarray:
+    """Alive flags of the ``n`` largest values of ``vec`` (ties: the lower index)."""
+    order = np.argsort(-vec, kind="stable")
+    alive = np.zeros(len(vec), dtype=bool)
+    alive[order[:n]] = True
+    return alive
+
+
+def make_mask(
+    values: dict[str, np.ndarray], threshold: float, round_to: int | None = None
+) -> MaskResult:
+    """Alive channels: value above ``threshold`` (a group never empties), and with ``round_to``
+    a multiple of it per group (see the module notes)."""
+    if round_to is not None and round_to < 1:
+        raise MorphonnxError(f"--round-to must be 1 or more, got {round_to}")
     keep: dict[str, list[bool]] = {}
     rescued: list[str] = []
     for gid, vec in values.items():
@@ -104,6 +133,8 @@ def make_mask(values: dict[str, np.ndarray], threshold: float) -> MaskResult:
         if not alive.any():
             alive[int(np.argmax(vec))] = True
             rescued.append(gid)
+        if round_to is not None:
+            alive = strongest(vec, rounded_count(int(alive.sum()), len(vec), round_to))
         keep[gid] = alive.tolist()
     return MaskResult(threshold, keep, values, rescued)
 

@@ -302,7 +302,6 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     if not dead.any():
         _restore_weights(a)
         return a.graph.model
-    new_shape = a.shrunk_shapes(keep)
     values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
 
     def kept(tensor: str) -> np.ndarray | None:
@@ -311,6 +310,20 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
             return None
         return sol.kept(sol.channels.by_key[(tensor, axis)], dead)
 
+    changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}
+    return rewrite_model(a, a.shrunk_shapes(keep), values, kept, changed)
+
+
+def rewrite_model(
+    a: Analysis,
+    new_shape: ShapeOf,
+    values: Mapping[str, np.ndarray],
+    kept: Callable[[str], np.ndarray | None],
+    changed: set[str],
+) -> onnx.ModelProto:
+    """Give the analysis's model (in place) the shapes ``new_shape``: new constant ``values``, each
+    op's bookkeeping rewritten (``kept``: surviving indices along a tensor's channel axis), stale
+    shapes of the ``changed`` tensors dropped. Shared by ``prune`` and ``expand``."""
     model = a.graph.model
     protos = list(model.graph.node)
     for node in a.graph.nodes:
@@ -321,8 +334,7 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
         if not proto.name:
             proto.name = node.name
     replace_constants(model, a, values)
-    # stale shapes of every tensor that lost channels, constants from Constant / folded nodes too
-    changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}
+    # stale shapes of every tensor that changed, constants from Constant / folded nodes too
     vis = [v for v in model.graph.value_info if v.name not in changed]
     del model.graph.value_info[:]
     model.graph.value_info.extend(vis)
@@ -434,7 +446,16 @@ def check_pruned(path: Path, shown: str) -> None:
 def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]:
     """The learned structure: input/output channels of every weighted layer, before and after
     (MorphNet's structure exporter, with fully-connected and depthwise layers included)."""
-    new_shape = a.shrunk_shapes(keep)
+    return {
+        "format": "morphonnx.structure",
+        "version": 1,
+        "model": str(a.graph.path),
+        "layers": layer_widths(a, a.shrunk_shapes(keep)),
+    }
+
+
+def layer_widths(a: Analysis, new_shape: ShapeOf) -> list[dict[str, Any]]:
+    """Input/output channels of every weighted layer, now and at the shapes ``new_shape``."""
     layers = []
     for node in a.graph.nodes:
         if node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
@@ -457,9 +478,4 @@ def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]
                 "out_channels": [old_y[axis_out], new_y[axis_out]] if old_y else None,
             }
         )
-    return {
-        "format": "morphonnx.structure",
-        "version": 1,
-        "model": str(a.graph.path),
-        "layers": layers,
-    }
+    return layers

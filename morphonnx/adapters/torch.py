@@ -641,9 +641,10 @@ class Regularizer:
 
     # ------------------------------------------------------------------ masks
 
-    def mask(self, threshold: float | None = None) -> Any:
+    def mask(self, threshold: float | None = None, round_to: int | None = None) -> Any:
         """The ``morphonnx.mask.MaskResult`` of the current weights (float64, like ``morphonnx
-        mask``); a group the threshold would empty keeps its strongest channel."""
+        mask``); a group the threshold would empty keeps its strongest channel; ``round_to=K``:
+        alive counts to multiples of K, as ``morphonnx mask --round-to``."""
         import torch
 
         from morphonnx.mask import make_mask
@@ -651,13 +652,19 @@ class Regularizer:
         with torch.no_grad():
             double = {n: t.detach().double() for n, t in self._sources.items()}
             values = {k: v.cpu().numpy() for k, v in self.vectors(double).items()}
-        return make_mask(values, self.threshold if threshold is None else float(threshold))
+        t = self.threshold if threshold is None else float(threshold)
+        return make_mask(values, t, round_to)
 
-    def write_mask(self, path: str | os.PathLike[str], threshold: float | None = None) -> Any:
+    def write_mask(
+        self,
+        path: str | os.PathLike[str],
+        threshold: float | None = None,
+        round_to: int | None = None,
+    ) -> Any:
         """Write the mask JSON (``morphonnx prune`` input) with the spec's fingerprint."""
         from morphonnx.formats import write_json
 
-        result = self.mask(threshold)
+        result = self.mask(threshold, round_to)
         write_json(path, result.document(self.fingerprint, self.kind))
         return result
 
