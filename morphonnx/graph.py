@@ -137,13 +137,21 @@ class Graph:
         return self._values[name]
 
     def materialized_copies(self, changed: Collection[str]) -> list[str]:
-        """Copies of shared per-channel constants that a pruned model stores as initializers of
-        their own: those whose source changes in place (the copy keeps the old values)."""
-        return [
-            name
-            for name, c in self.constants.items()
-            if c.kind == "copy" and c.source in changed and name not in changed
-        ]
+        """Constants a pruned model stores as initializers of their own because what they are
+        made from changes in place while they keep their old values: copies of shared per-channel
+        constants, and folded constants (``Identity`` of a weight another layer also reads, as
+        torch exports de-duplicated batch-norm parameters) whose source changes."""
+        result = []
+        for name, c in self.constants.items():
+            if name in changed:
+                continue
+            if c.kind == "copy" and c.source in changed:
+                result.append(name)
+            elif c.kind == "folded":
+                producer = self.by_name.get(c.node or "")
+                if producer is not None and any(t in changed for t in producer.inputs):
+                    result.append(name)
+        return result
 
     def small_value(self, name: str, limit: int = 4096) -> np.ndarray | None:
         """Values of a small constant (shape vectors, axes, pads), or None when not constant."""

@@ -561,3 +561,49 @@ def test_predicted_params_with_folded_constant(tmp_path: Path) -> None:
     )
     same_costs(actual, predicted)
     assert actual.params == 3 * 2 + 2 + 5 * 2
+
+
+def test_folded_view_of_a_shared_weight_keeps_its_values(tmp_path: Path) -> None:
+    """torch exports without constant folding de-duplicate equal batch-norm parameters: one BN
+    reads the initializer, another reads ``Identity`` of it. Pruning the first BN's channels must
+    not shrink what the second one reads (found by ``sweep`` on ResNet-50)."""
+    rng = np.random.default_rng(0)
+
+    def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+
+    stats = [init(n, v) for n, v in (("s", rng.uniform(0.5, 1.5, 8)), ("b", np.zeros(8)))]
+    stats += [init("m", np.zeros(8)), init("v", np.ones(8))]
+    inits = stats + [
+        init("wa", rng.normal(0, 0.3, (8, 3, 3, 3))),
+        init("wb", rng.normal(0, 0.3, (8, 8, 3, 3))),
+        init("wc", rng.normal(0, 0.3, (4, 8, 1, 1))),
+    ]
+    nodes = [helper.make_node("Identity", [n], [f"{n}_b"]) for n in "sbmv"]
+    nodes += [
+        helper.make_node("Conv", ["x", "wa"], ["ya"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["ya", "s", "b", "m", "v"], ["za"]),
+        helper.make_node("Relu", ["za"], ["ra"]),
+        helper.make_node("Conv", ["ra", "wb"], ["yb"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["yb", "s_b", "b_b", "m_b", "v_b"], ["zb"]),
+        helper.make_node("Relu", ["zb"], ["rb"]),
+        helper.make_node("Conv", ["rb", "wc"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    path = tmp_path / "shared_bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    a = analyze(path)
+    first = next(g for g in a.solution.groups if any(m.tensor == "wa" for m in g.members))
+    assert first.prunable
+    keep = {first.id: [True, False] * 4}  # the second BN's group stays whole
+    _, _, predicted, actual = prune_and_check(path, keep, tmp_path / "pruned.onnx")
+    same_costs(actual, predicted)
+    out = onnx.load(str(tmp_path / "pruned.onnx"))
+    shapes = {t.name: list(t.dims) for t in out.graph.initializer}
+    assert shapes["s"] == [4] and shapes["s_b"] == [8]
