@@ -1,10 +1,11 @@
 """Measure this machine in onnxruntime and turn the numbers into a device profile.
 
-Each number comes from a one-op model timed the way inference runs (same threads, warm-up, median
-of repeats): attainable FLOP/s of a dense 3x3 conv, a depthwise 3x3 conv and a MatMul, memory
-bandwidth from a large elementwise Add, and a fixed cost per op from a chain of tiny Adds. A run
-also pays a fixed cost for the call itself; the time of a one-tiny-op model is subtracted from
-every measurement, so only the op's own time is divided into its FLOPs or bytes.
+Each number comes from a one-op model timed the way inference runs (same threads, warm-up; the
+fastest of the repeats, since other processes on the machine only ever add time): attainable FLOP/s
+of a dense 3x3 conv, a depthwise 3x3 conv and a MatMul, memory bandwidth from a large elementwise
+Add, and a fixed cost per op from a chain of tiny Adds. A run also pays a fixed cost for the call
+itself; the time of a one-tiny-op model is subtracted from every measurement, so only the op's own
+time is divided into its FLOPs or bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from morphonnx.devices import Device
-from morphonnx.runtime import RunConfig, median_latency
+from morphonnx.runtime import RunConfig, run_latency
 
 _F = TensorProto.FLOAT
 
@@ -120,12 +121,12 @@ def calibrate(
 ) -> Calibration:
     """Measure this machine; ``threads`` as the user runs inference (0 = onnxruntime default)."""
     sizes = QUICK if quick else FULL
-    config = RunConfig(threads=threads, warmup=2 if quick else 3, repeats=7 if quick else 15)
+    config = RunConfig(threads=threads, warmup=2 if quick else 3, repeats=10 if quick else 30)
 
     def timed(what: str, model: onnx.ModelProto) -> float:
         if progress is not None:
             progress(what)
-        return median_latency(model, config)
+        return run_latency(model, config, fastest=True)
 
     one = timed("call overhead", chain_model(1))
     chain = timed("per-op overhead", chain_model(sizes.chain))

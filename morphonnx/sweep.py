@@ -28,7 +28,7 @@ from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import write_text
 from morphonnx.prune import check_pruned, prune_model, save_model
-from morphonnx.runtime import RunConfig, median_latency
+from morphonnx.runtime import RunConfig, run_latency
 
 Keep = dict[str, list[bool]]
 MIN_FRACTION = 0.2
@@ -133,7 +133,7 @@ def measure_variant(setup: SweepSetup, keep: Keep, out: Path) -> float:
     a = setup.analyze()  # prune rewrites the analysis's model in place: one per variant
     save_model(prune_model(a, keep), out, a.graph.path, lambda p: check_pruned(p, str(out)))
     shapes = {n: a.graph.shape(n) or () for n in a.graph.inputs}
-    return median_latency(out, setup.config, shapes)
+    return run_latency(out, setup.config, shapes)
 
 
 def run_sweep(

@@ -163,7 +163,6 @@ def test_calibrate_numbers_are_plausible() -> None:
     d = c.device
     for kind in ("conv", "depthwise", "gemm"):
         assert 1e7 < d.peak(kind) < 1e13, kind  # 10 MFLOP/s .. 10 TFLOP/s on one thread
-    assert d.peak("depthwise") < 2 * d.peak("conv")  # depthwise never beats dense by much
     assert 1e8 < d.mem_bandwidth < 1e12
     assert 0 <= d.overhead < 1e-3 and 0 < c.call_overhead < 1e-2
     assert d.threads == 1
