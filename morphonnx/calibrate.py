@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from morphonnx.devices import Device
-from morphonnx.runtime import RunConfig, run_latency
+from morphonnx.runtime import RunConfig, fastest_run
 
 _F = TensorProto.FLOAT
 
@@ -126,7 +126,7 @@ def calibrate(
     def timed(what: str, model: onnx.ModelProto) -> float:
         if progress is not None:
             progress(what)
-        return run_latency(model, config, fastest=True)
+        return fastest_run(model, config)
 
     one = timed("call overhead", chain_model(1))
     chain = timed("per-op overhead", chain_model(sizes.chain))

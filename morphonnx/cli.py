@@ -466,7 +466,7 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> None:
     print_correlations(console, rho, len(rows))
     console.print(f"wrote {args.output}")
     if args.plot:
-        measured = column(rows, "measured_s")
+        measured = column(rows, "relative")
         xs = {p: column(rows, p) for p in setup.predictors()}
         title = f"{Path(args.model).name}: {len(rows)} random-width variants"
         plot_sweep(xs, measured, rho, title, args.plot)

@@ -131,14 +131,24 @@ def expand(
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise MorphonnxError(f"budget {goal:.4g} is not reached by widening (cost saturates)")
-    for _ in range(100):  # widths change in steps: stop when lo and hi give neighbouring steps
-        if hi - lo <= 1e-9 * hi:
-            break
-        mid = (lo + hi) / 2
-        if at(mid) <= goal:
-            lo = mid
+    # widths only change where some alive * m / step crosses a half: search those points only
+    step = round_to or 1
+    points = sorted(
+        {
+            (j + 0.5) * step / n * (1 + 1e-12)
+            for n in alive.values()
+            for j in range(math.floor(lo * n / step), math.ceil(hi * n / step) + 1)
+            if lo < (j + 0.5) * step / n * (1 + 1e-12) < hi
+        }
+    )
+    first, last = 0, len(points)  # invariant: cost(points[:first]) <= goal < cost(points[last:])
+    while first < last:
+        mid = (first + last) // 2
+        if at(points[mid]) <= goal:
+            first = mid + 1
         else:
-            hi = mid
+            last = mid
+    lo = points[first - 1] if first else lo
     best = widths(lo)
     _, t = a.costs_at(a.resized_shapes(best))
     return Expansion(target, goal, lo, alive, best, _pick(t, target, device), t, round_to, device)

@@ -49,19 +49,19 @@ def plot_sweep(
     title: str,
     path: str,
 ) -> None:
-    """One scatter panel per predictor: predicted cost against measured latency, with Spearman."""
+    """One scatter panel per predictor: predicted cost against measured latency relative to the
+    original model, with Spearman."""
     plt = pyplot(path)
     n = len(predictors)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    ms = [m * 1e3 for m in measured]
     for ax, (name, xs) in zip(axes.flat, predictors.items(), strict=False):
-        ax.scatter(xs, ms, s=10)
+        ax.scatter(xs, measured, s=10)
         r = rho.get(name)
         ax.set_title(f"{_label(name)}: Spearman {'n/a' if r is None else f'{r:.3f}'}", fontsize=9)
         ax.set_xlabel(_label(name))
-        ax.set_ylabel("measured (ms)")
+        ax.set_ylabel("measured / original")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)

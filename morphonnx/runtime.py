@@ -1,14 +1,13 @@
 """Running models in onnxruntime to measure them: sessions, random inputs, timed runs.
 
 ``calibrate``, ``profile`` and ``sweep`` measure the same way: one CPU session with the intra-op
-threads the user runs inference with, a few warm-up runs (allocations, caches), then the median of
-repeated runs, which shrugs off the odd slow run when other processes share the machine
-(``calibrate`` takes the fastest run instead: it measures what the hardware can do).
+threads the user runs inference with, a few warm-up runs (allocations, caches), then repeated runs:
+``calibrate`` keeps the fastest (what the hardware can do), ``profile`` and ``sweep`` the median,
+which shrugs off the odd slow run when other processes share the machine.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -106,15 +105,26 @@ def time_runs(
     return times
 
 
-def run_latency(
-    model: onnx.ModelProto | str | Path,
-    config: RunConfig,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    fastest: bool = False,
-) -> float:
-    """Seconds per run of ``model`` with random inputs, measured as ``config`` says: the median of
-    the timed runs, or with ``fastest`` the fastest one (what the hardware can do: other processes
-    only ever add time)."""
+def time_pairs(
+    a: tuple[ort.InferenceSession, dict[str, np.ndarray]],
+    b: tuple[ort.InferenceSession, dict[str, np.ndarray]],
+    warmup: int,
+    repeats: int,
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats`` runs of session ``a`` and of ``b``, alternating run by run, so a
+    change in the machine's load hits both alike (their ratio is what stays meaningful)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + repeats):
+        for (sess, feeds), out in zip((a, b), times, strict=True):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    return times
+
+
+def fastest_run(model: onnx.ModelProto | str | Path, config: RunConfig) -> float:
+    """Seconds of the fastest of ``config.repeats`` runs of ``model`` with random inputs: what
+    the hardware can do (other processes only ever add time)."""
     sess = session(model, config.threads)
-    times = time_runs(sess, random_feeds(sess, shapes), config.warmup, config.repeats)
-    return min(times) if fastest else statistics.median(times)
+    return min(time_runs(sess, random_feeds(sess), config.warmup, config.repeats))

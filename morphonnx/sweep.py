@@ -3,9 +3,11 @@
 Every variant is a random mask over the prunable groups (each group keeps a random fraction of its
 channels, at random), pruned with the same rewriter as ``prune`` (onnx.checker on; the layer-by-
 layer verification is left out for speed: ``prune`` tests it) and timed in onnxruntime with the
-optimizations a deployment uses. The predictors (FLOPs, parameters, roofline latency on each
-device) are then compared with the measured medians by Spearman rank correlation: what matters when
-a cost steers pruning is that it orders structures as the hardware does.
+optimizations a deployment uses, each run alternating with a run of the original model: the median
+ratio variant / original is what is ranked, so a machine whose load changes during the sweep (other
+processes) shifts every variant alike. The predictors (FLOPs, parameters, roofline latency on each
+device) are compared with it by Spearman rank correlation: what matters when a cost steers pruning
+is that it orders structures as the hardware does.
 
 The CSV is rewritten whole (atomically) after each variant, so a run that is stopped resumes from
 it: variants already present are skipped. Masks depend on the seed and the variant number only.
@@ -16,21 +18,24 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import write_text
 from morphonnx.prune import check_pruned, prune_model, save_model
-from morphonnx.runtime import RunConfig, run_latency
+from morphonnx.runtime import RunConfig, random_feeds, session, time_pairs
 
 Keep = dict[str, list[bool]]
+Timed = tuple[ort.InferenceSession, dict[str, np.ndarray]]
 MIN_FRACTION = 0.2
 """A variant's group keeps between this fraction and all of its channels."""
 
@@ -49,10 +54,11 @@ class SweepSetup:
         return ["variant", "seed", "model_fingerprint", "kept_fraction", "flops", "params"] + [
             *lat,
             "measured_s",
+            "relative",
         ]
 
     def predictors(self) -> list[str]:
-        """The CSV columns compared with ``measured_s``."""
+        """The CSV columns compared with the measured ``relative`` latency."""
         return ["flops", "params"] + [f"latency_{d.name}_s" for d in self.devices]
 
     def analyze(self) -> Analysis:
@@ -128,12 +134,27 @@ def write_rows(path: Path, setup: SweepSetup, rows: Sequence[Row]) -> None:
     write_text(path, text)
 
 
-def measure_variant(setup: SweepSetup, keep: Keep, out: Path) -> float:
-    """Prune a fresh analysis of the model with ``keep`` into ``out`` (checked) and time it."""
+def measure_variant(
+    setup: SweepSetup, keep: Keep, out: Path, reference: Timed
+) -> tuple[float, float]:
+    """Prune a fresh analysis of the model with ``keep`` into ``out`` (checked) and time it against
+    the original: (median seconds, median ratio to the original's adjacent runs)."""
     a = setup.analyze()  # prune rewrites the analysis's model in place: one per variant
     save_model(prune_model(a, keep), out, a.graph.path, lambda p: check_pruned(p, str(out)))
-    shapes = {n: a.graph.shape(n) or () for n in a.graph.inputs}
-    return run_latency(out, setup.config, shapes)
+    variant = timed_session(out, setup.config, reference[1])
+    mine, theirs = time_pairs(variant, reference, setup.config.warmup, setup.config.repeats)
+    ratios = [m / t for m, t in zip(mine, theirs, strict=True)]
+    return statistics.median(mine), statistics.median(ratios)
+
+
+def timed_session(
+    model: str | Path,
+    config: RunConfig,
+    feeds: dict[str, np.ndarray] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> Timed:
+    sess = session(model, config.threads)
+    return sess, feeds if feeds is not None else random_feeds(sess, shapes)
 
 
 def run_sweep(
@@ -150,6 +171,8 @@ def run_sweep(
     done = {int(r["variant"]) for r in rows}
     masks = random_masks(a, n, setup.seed)
     prunable = sum(g.channels for g in a.solution.groups if g.prunable)
+    shapes = {name: a.graph.shape(name) or () for name in a.graph.inputs}
+    reference = timed_session(setup.model, setup.config, shapes=shapes)
     with tempfile.TemporaryDirectory(prefix="morphonnx-sweep-") as tmp:
         folder = models_dir or Path(tmp)
         for i, keep in enumerate(masks):
@@ -158,7 +181,8 @@ def run_sweep(
             if i in done:
                 continue
             _, predicted = a.predict(keep)
-            measured = measure_variant(setup, keep, folder / f"variant_{i:03d}.onnx")
+            out = folder / f"variant_{i:03d}.onnx"
+            measured, relative = measure_variant(setup, keep, out, reference)
             kept = sum(sum(k) for k in keep.values())
             row: Row = {
                 "variant": str(i),
@@ -168,6 +192,7 @@ def run_sweep(
                 "flops": str(predicted.flops),
                 "params": str(predicted.params),
                 "measured_s": repr(measured),
+                "relative": repr(relative),
             }
             row.update(
                 {f"latency_{d.name}_s": repr(predicted.latency[d.name]) for d in setup.devices}
@@ -207,8 +232,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def correlations(setup: SweepSetup, rows: Sequence[Row]) -> dict[str, float | None]:
-    """Spearman correlation of each predictor column with the measured latency."""
-    measured = [float(r["measured_s"]) for r in rows]
+    """Spearman correlation of each predictor column with the measured (relative) latency."""
+    measured = [float(r["relative"]) for r in rows]
     return {p: spearman([float(r[p]) for r in rows], measured) for p in setup.predictors()}
 
 
