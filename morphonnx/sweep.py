@@ -177,7 +177,7 @@ def run_sweep(
         folder = models_dir or Path(tmp)
         for i, keep in enumerate(masks):
             if on_variant is not None:
-                on_variant(len(done), n)
+                on_variant(len([d for d in done if d < n]), n)
             if i in done:
                 continue
             _, predicted = a.predict(keep)
@@ -201,7 +201,7 @@ def run_sweep(
             done.add(i)
             write_rows(csv_path, setup, rows)
         if on_variant is not None:
-            on_variant(len(done), n)
+            on_variant(len([d for d in done if d < n]), n)
     return sorted((r for r in rows if int(r["variant"]) < n), key=lambda r: int(r["variant"]))
 
 

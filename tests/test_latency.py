@@ -281,7 +281,7 @@ def test_sweep_writes_distinct_valid_models_and_resumes(
         small = analyze(f)
         assert small.totals.flops == int(row["flops"]) < full.totals.flops
         assert small.totals.params == int(row["params"])
-        assert float(row["measured_s"]) > 0 and 0 < float(row["relative"]) < 10
+        assert float(row["measured_s"]) > 0 and float(row["relative"]) > 0
         digests.add(hashlib.sha256(f.read_bytes()).hexdigest())
     assert len(digests) == 4
     measured = [float(r["relative"]) for r in rows]
