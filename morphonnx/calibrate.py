@@ -1,7 +1,7 @@
 """Measure this machine in onnxruntime and turn the numbers into a device profile.
 
 Each number comes from a one-op model timed the way inference runs (same threads, warm-up; the
-fastest of the repeats, since other processes on the machine only ever add time): attainable FLOP/s
+fastest run, since other processes on the machine only ever add time): attainable FLOP/s
 of a dense 3x3 conv, a depthwise 3x3 conv and a MatMul, memory bandwidth from a large elementwise
 Add, and a fixed cost per op from a chain of tiny Adds. A run also pays a fixed cost for the call
 itself; the time of a one-tiny-op model is subtracted from every measurement, so only the op's own
@@ -11,6 +11,7 @@ time is divided into its FLOPs or bytes.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from morphonnx.devices import Device
-from morphonnx.runtime import RunConfig, fastest_run
+from morphonnx.runtime import random_feeds, session, time_runs
 
 _F = TensorProto.FLOAT
 
@@ -40,7 +41,7 @@ class Sizes:
     chain: int
 
 
-FULL = Sizes(96, 56, 192, 56, (256, 512, 512), 1 << 21, 64)
+FULL = Sizes(64, 28, 192, 56, (128, 512, 512), 1 << 20, 64)
 QUICK = Sizes(32, 28, 64, 28, (64, 256, 256), 1 << 18, 32)
 
 
@@ -119,33 +120,41 @@ def calibrate(
     quick: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Calibration:
-    """Measure this machine; ``threads`` as the user runs inference (0 = onnxruntime default)."""
+    """Measure this machine; ``threads`` as the user runs inference (0 = onnxruntime default).
+
+    The one-op models are timed in rounds, one after the other, and each keeps its fastest run of
+    all rounds: a busy spell of the machine then costs one round of one measurement, not all of
+    it (and no single run is long enough to be preempted often)."""
     sizes = QUICK if quick else FULL
-    config = RunConfig(threads=threads, warmup=2 if quick else 3, repeats=10 if quick else 30)
-
-    def timed(what: str, model: onnx.ModelProto) -> float:
-        if progress is not None:
-            progress(what)
-        return fastest_run(model, config)
-
-    one = timed("call overhead", chain_model(1))
-    chain = timed("per-op overhead", chain_model(sizes.chain))
-    per_op = max(chain - one, 0.0) / (sizes.chain - 1)
-
-    def measure(what: str, model: onnx.ModelProto, flops: float, nbytes: float) -> Measurement:
-        # the one-tiny-op model's time is the call plus one op's overhead: what is left is the op
-        own = max(timed(what, model) - one, 1e-9)
-        return Measurement(what, flops, nbytes, own)
-
+    rounds, repeats = (2, 5) if quick else (3, 20)
     c, hw = sizes.conv_channels, sizes.conv_hw
-    conv = measure("dense conv 3x3", conv_model(c, hw, False), 2.0 * c * c * 9 * hw * hw, 0.0)
-    c, hw = sizes.dw_channels, sizes.dw_hw
-    dw = measure("depthwise conv 3x3", conv_model(c, hw, True), 2.0 * c * 9 * hw * hw, 0.0)
+    dc, dhw = sizes.dw_channels, sizes.dw_hw
     m, k, n = sizes.matmul
-    mm = measure("MatMul", matmul_model(m, k, n), 2.0 * m * k * n, 0.0)
     e = sizes.add_elements
-    add = measure("elementwise Add", add_model(e), 0.0, 3.0 * e * 4)
-
+    probes = [  # what, model, FLOPs, bytes
+        ("call overhead", chain_model(1), 0.0, 0.0),
+        (f"{sizes.chain} tiny ops", chain_model(sizes.chain), 0.0, 0.0),
+        ("dense conv 3x3", conv_model(c, hw, False), 2.0 * c * c * 9 * hw * hw, 0.0),
+        ("depthwise conv 3x3", conv_model(dc, dhw, True), 2.0 * dc * 9 * dhw * dhw, 0.0),
+        ("MatMul", matmul_model(m, k, n), 2.0 * m * k * n, 0.0),
+        ("elementwise Add", add_model(e), 0.0, 3.0 * e * 4),
+    ]
+    sessions = [session(model, threads) for _, model, _, _ in probes]
+    feeds = [random_feeds(s) for s in sessions]
+    best = [math.inf] * len(probes)
+    for r in range(rounds):
+        for i, (what, _, _, _) in enumerate(probes):
+            if progress is not None:
+                progress(f"{what} (round {r + 1} of {rounds})")
+            times = time_runs(sessions[i], feeds[i], 2 if r == 0 else 0, repeats)
+            best[i] = min(best[i], *times)
+    one, chain = best[0], best[1]
+    per_op = max(chain - one, 0.0) / (sizes.chain - 1)
+    # the one-tiny-op model's time is the call plus one op's overhead: what is left is the op's own
+    conv, dw, mm, add = (
+        Measurement(what, flops, nbytes, max(t - one, 1e-9))
+        for (what, _, flops, nbytes), t in zip(probes[2:], best[2:], strict=True)
+    )
     device = Device(
         name=name,
         peak_flops=conv.rate,

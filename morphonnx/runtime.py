@@ -121,10 +121,3 @@ def time_pairs(
             if i >= warmup:
                 out.append(time.perf_counter() - start)
     return times
-
-
-def fastest_run(model: onnx.ModelProto | str | Path, config: RunConfig) -> float:
-    """Seconds of the fastest of ``config.repeats`` runs of ``model`` with random inputs: what
-    the hardware can do (other processes only ever add time)."""
-    sess = session(model, config.threads)
-    return min(time_runs(sess, random_feeds(sess), config.warmup, config.repeats))
