@@ -8,14 +8,16 @@ Usage::
     python benchmarks/bench_latency.py --variants 10 --quick
     python benchmarks/bench_latency.py --plot-dir docs/img --json latency.json
 
-Steps: calibrate this machine (threads as given, default onnxruntime's), then sweep random-width
-variants of MobileNetV2 (224x224) and ResNet-50 (224x224), both written in plain torch and
-exported (``benchmarks/models.py``). Each variant is pruned with the real rewriter and timed in
-onnxruntime (warm-up, median of repeats, each run alternating with one of the original model).
-Reported: Spearman rank correlation of each predictor with the measured latency relative to the
-original. Goal: the calibrated profile ranks latency better (higher Spearman)
-than FLOPs on both models. Other processes sharing the CPU make single timings noisy: the medians
-and a rank statistic absorb much of it, not all.
+Steps: calibrate this machine (one thread by default), then sweep random-width variants of
+MobileNetV2 (224x224) and ResNet-50 (224x224), both written in plain torch and exported
+(``benchmarks/models.py``), once with any widths and once with widths that are multiples of 8
+(``--round-to``; onnxruntime's fast blocked conv kernels want such widths). Each variant is
+pruned with the real rewriter and timed in onnxruntime (warm-up, median of repeats, each run
+alternating with one of the original model). Reported: Spearman rank correlation of each
+predictor with the measured latency relative to the original. Goal: the calibrated profile ranks
+latency better (higher Spearman) than FLOPs on both models. Other processes sharing the CPU make
+single timings noisy: medians, ratios to the original and a rank statistic absorb much of it,
+not all.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import CACHE_DIR, ensure_cache_dir, mobilenet_v2_path, resnet50_path  # noqa: E402
 from morphonnx.calibrate import calibrate  # noqa: E402
-from morphonnx.devices import BUILTIN, profile_toml  # noqa: E402
+from morphonnx.devices import BUILTIN, profile_toml, resolve_device  # noqa: E402
 from morphonnx.plots import plot_sweep  # noqa: E402
 from morphonnx.runtime import RunConfig  # noqa: E402
 from morphonnx.sweep import SweepSetup, column, correlations, run_sweep  # noqa: E402
@@ -52,13 +54,25 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--plot-dir", type=Path, help="write sweep_<model>.png here")
     ap.add_argument("--json", type=Path, help="write the correlations as JSON")
-    ap.add_argument("--resume", action="store_true", help="keep the cached CSVs of a last run")
+    ap.add_argument(
+        "--round-to",
+        type=int,
+        nargs="*",
+        default=[8],
+        help="also sweep widths that are multiples of K (default 8; none: random widths only)",
+    )
+    ap.add_argument(
+        "--resume", action="store_true", help="continue the cached CSVs and profile of a last run"
+    )
     args = ap.parse_args()
 
     cache = ensure_cache_dir(CACHE_DIR)
-    cal = calibrate("this-machine", args.threads, args.quick)
-    (cache / "this-machine.toml").write_text(profile_toml(cal.device))
-    d = cal.device
+    profile = cache / "this-machine.toml"
+    if args.resume and profile.exists():
+        d = resolve_device(str(profile))
+    else:
+        d = calibrate("this-machine", args.threads, args.quick).device
+        profile.write_text(profile_toml(d))
     print(
         f"calibrated: dense conv {d.peak('conv') / 1e9:.1f} GFLOP/s, depthwise "
         f"{d.peak('depthwise') / 1e9:.1f} GFLOP/s, gemm {d.peak('gemm') / 1e9:.1f} GFLOP/s, "
@@ -68,31 +82,32 @@ def main() -> int:
     results: dict[str, dict[str, float | None]] = {}
     for name in args.models:
         path = MODELS[name](cache)
-        setup = SweepSetup(str(path), 0, (BUILTIN["CPU"], d), config)
-        csv_path = cache / f"sweep_{name}.csv"
-        if not args.resume:
-            csv_path.unlink(missing_ok=True)
-        rows = run_sweep(
-            setup,
-            args.variants,
-            csv_path,
-            on_variant=lambda done, total, n=name: print(
-                f"\r{n}: {done}/{total}", end="", flush=True
-            ),
-        )
-        print()
-        rho = correlations(setup, rows)
-        results[name] = rho
-        if args.plot_dir:
-            xs = {p: column(rows, p) for p in setup.predictors()}
-            title = f"{name} (224x224): {len(rows)} random-width variants, onnxruntime CPU"
-            plot_sweep(
-                xs, column(rows, "relative"), rho, title, str(args.plot_dir / f"sweep_{name}.png")
+        for round_to in [None, *args.round_to]:
+            run = name + (f" (widths x{round_to})" if round_to else " (random widths)")
+            tag = name + (f"_x{round_to}" if round_to else "")
+            setup = SweepSetup(str(path), 0, (BUILTIN["CPU"], d), config, round_to=round_to)
+            csv_path = cache / f"sweep_{tag}.csv"
+            if not args.resume:
+                csv_path.unlink(missing_ok=True)
+            rows = run_sweep(
+                setup,
+                args.variants,
+                csv_path,
+                on_variant=lambda done, total, r=run: print(f"\r{r}: {done}/{total}", end=""),
             )
+            print()
+            rho = correlations(setup, rows)
+            results[run] = rho
+            if args.plot_dir:
+                xs = {p: column(rows, p) for p in setup.predictors()}
+                threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+                title = f"{run}, 224x224: {len(rows)} variants, onnxruntime CPU, {threads}"
+                out = str(args.plot_dir / f"sweep_{tag}.png")
+                plot_sweep(xs, column(rows, "relative"), rho, title, out)
 
     predictors = ["flops", "params", "latency_CPU_s", "latency_this-machine_s"]
     print(f"\nSpearman rank correlation with measured latency ({args.variants} variants)")
-    print("| model | " + " | ".join(predictors) + " | goal: calibrated > FLOPs |")
+    print("| sweep | " + " | ".join(predictors) + " | goal: calibrated > FLOPs |")
     print("|---" * (len(predictors) + 2) + "|")
     ok = True
     for name, rho in results.items():

@@ -154,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="SWEEP.png", help="scatter plots of predicted vs measured")
     p.add_argument("--seed", type=int, default=0, help="random masks' seed (default 0)")
     p.add_argument("--keep-models", metavar="DIR", help="keep the pruned variants in DIR")
+    p.add_argument("--round-to", type=int, metavar="K", help="random widths as multiples of K")
 
     p = sub.add_parser("devices", help="list built-in device profiles")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -433,6 +434,8 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> None:
         raise MorphonnxError(
             f"-n must be 2 or more (a rank correlation needs two), got {args.variants}"
         )
+    if args.round_to is not None and args.round_to < 1:
+        raise MorphonnxError(f"--round-to must be 1 or more, got {args.round_to}")
     models = Path(args.keep_models) if args.keep_models else None
     if models is not None and not models.is_dir():
         raise MorphonnxError(f"{args.keep_models}: folder does not exist")
@@ -450,6 +453,7 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> None:
         config=_run_config(args, devices),
         batch=args.batch,
         input_shapes=shapes_tuple(dict(args.input_shape)),
+        round_to=args.round_to,
     )
     with Progress(
         "variants", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console

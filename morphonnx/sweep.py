@@ -31,6 +31,7 @@ from morphonnx.analysis import Analysis, analyze
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import write_text
+from morphonnx.mask import rounded_count
 from morphonnx.prune import check_pruned, prune_model, save_model
 from morphonnx.runtime import RunConfig, random_feeds, session, time_pairs
 
@@ -48,14 +49,20 @@ class SweepSetup:
     config: RunConfig
     batch: int = 1
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    round_to: int | None = None  # widths multiples of this (as ``mask --round-to``)
 
     def columns(self) -> list[str]:
         lat = [f"latency_{d.name}_s" for d in self.devices]
-        return ["variant", "seed", "model_fingerprint", "kept_fraction", "flops", "params"] + [
-            *lat,
-            "measured_s",
-            "relative",
-        ]
+        first = ["variant", "seed", "round_to", "model_fingerprint", "kept_fraction"]
+        return (
+            first
+            + ["flops", "params"]
+            + [
+                *lat,
+                "measured_s",
+                "relative",
+            ]
+        )
 
     def predictors(self) -> list[str]:
         """The CSV columns compared with the measured ``relative`` latency."""
@@ -71,10 +78,11 @@ class SweepSetup:
 Row = dict[str, str]
 
 
-def random_masks(a: Analysis, n: int, seed: int) -> list[Keep]:
+def random_masks(a: Analysis, n: int, seed: int, round_to: int | None = None) -> list[Keep]:
     """``n`` distinct random masks: each prunable group keeps a uniform random fraction (at least
-    :data:`MIN_FRACTION`) of its channels, chosen at random. Mask ``i`` depends on ``seed`` and
-    the masks before it only, so a resumed sweep redraws the same ones."""
+    :data:`MIN_FRACTION`) of its channels, chosen at random (with ``round_to``, the count rounded
+    as ``mask --round-to`` does). Mask ``i`` depends on ``seed`` and the masks before it only, so a
+    resumed sweep redraws the same ones."""
     groups = [g for g in a.solution.groups if g.prunable]
     if not groups:
         raise MorphonnxError(f"{a.graph.path}: no prunable group to vary")
@@ -86,6 +94,8 @@ def random_masks(a: Analysis, n: int, seed: int) -> list[Keep]:
             keep: Keep = {}
             for g in groups:
                 count = max(1, round(rng.uniform(MIN_FRACTION, 1.0) * g.channels))
+                if round_to is not None:
+                    count = rounded_count(count, g.channels, round_to)
                 alive = np.zeros(g.channels, dtype=bool)
                 alive[rng.choice(g.channels, count, replace=False)] = True
                 keep[g.id] = alive.tolist()
@@ -117,12 +127,17 @@ def read_rows(path: Path, setup: SweepSetup, fp: str) -> list[Row]:
             f"{path}: written by a sweep with other columns (devices); use another -o file"
         )
     for r in rows:
-        if r["model_fingerprint"] != fp or r["seed"] != str(setup.seed):
+        if (r["model_fingerprint"], r["seed"], r["round_to"]) != (fp, str(setup.seed), _rt(setup)):
             raise MorphonnxError(
                 f"{path}: written for another model or seed (fingerprint "
-                f"{r['model_fingerprint']}, seed {r['seed']}); use another -o file"
+                f"{r['model_fingerprint']}, seed {r['seed']}, round_to {r['round_to'] or '-'}); "
+                "use another -o file"
             )
     return rows
+
+
+def _rt(setup: SweepSetup) -> str:
+    return str(setup.round_to or "")
 
 
 def write_rows(path: Path, setup: SweepSetup, rows: Sequence[Row]) -> None:
@@ -169,7 +184,7 @@ def run_sweep(
     a = setup.analyze()
     rows = read_rows(csv_path, setup, a.fingerprint)
     done = {int(r["variant"]) for r in rows}
-    masks = random_masks(a, n, setup.seed)
+    masks = random_masks(a, n, setup.seed, setup.round_to)
     prunable = sum(g.channels for g in a.solution.groups if g.prunable)
     shapes = {name: a.graph.shape(name) or () for name in a.graph.inputs}
     reference = timed_session(setup.model, setup.config, shapes=shapes)
@@ -187,6 +202,7 @@ def run_sweep(
             row: Row = {
                 "variant": str(i),
                 "seed": str(setup.seed),
+                "round_to": _rt(setup),
                 "model_fingerprint": a.fingerprint,
                 "kept_fraction": f"{kept / prunable:.6g}",
                 "flops": str(predicted.flops),
