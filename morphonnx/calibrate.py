@@ -1,11 +1,13 @@
 """Measure this machine in onnxruntime and turn the numbers into a device profile.
 
 Each number comes from a one-op model timed the way inference runs (same threads, warm-up; the
-fastest run, since other processes on the machine only ever add time): attainable FLOP/s
-of a dense 3x3 conv, a depthwise 3x3 conv and a MatMul, memory bandwidth from a large elementwise
-Add, and a fixed cost per op from a chain of tiny Adds. A run also pays a fixed cost for the call
-itself; the time of a one-tiny-op model is subtracted from every measurement, so only the op's own
-time is divided into its FLOPs or bytes.
+fastest run, since other processes on the machine only ever add time): attainable FLOP/s of a dense
+3x3 conv, a depthwise 3x3 conv and a MatMul, memory bandwidth from a large elementwise Add, and a
+fixed cost per op from a chain of tiny Adds. CPU conv kernels work on blocks of channels: the convs
+are also timed with one channel fewer, and when that is clearly slower the profile gets
+``_unaligned`` peaks and the smallest channel multiple (4, 8 or 16) that runs at speed. A run also
+pays a fixed cost for the call itself; the time of a one-tiny-op model is subtracted from every
+measurement, so only the op's own time is divided into its FLOPs or bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class Sizes:
     add_elements: int
     chain: int
 
+
+Probe = tuple[str, onnx.ModelProto, float, float]  # what, one-op model, FLOPs, bytes
+_MULTIPLES = (4, 8, 16)
+"""Channel multiples tried: depthwise convs 4 (8) channels narrower tell if 4 (8) is enough."""
+_ALIGNED = 0.8
+"""A width runs "at speed" when it reaches this fraction of the aligned width's rate."""
 
 FULL = Sizes(64, 28, 192, 56, (128, 512, 512), 1 << 20, 64)
 QUICK = Sizes(32, 28, 64, 28, (64, 256, 256), 1 << 18, 32)
@@ -131,13 +139,22 @@ def calibrate(
     dc, dhw = sizes.dw_channels, sizes.dw_hw
     m, k, n = sizes.matmul
     e = sizes.add_elements
-    probes = [  # what, model, FLOPs, bytes
+
+    def conv(what: str, channels: int, size: int, depthwise: bool) -> Probe:
+        per_out = 1 if depthwise else channels
+        flops = 2.0 * channels * per_out * 9 * size * size
+        return (what, conv_model(channels, size, depthwise), flops, 0.0)
+
+    probes: list[Probe] = [
         ("call overhead", chain_model(1), 0.0, 0.0),
         (f"{sizes.chain} tiny ops", chain_model(sizes.chain), 0.0, 0.0),
-        ("dense conv 3x3", conv_model(c, hw, False), 2.0 * c * c * 9 * hw * hw, 0.0),
-        ("depthwise conv 3x3", conv_model(dc, dhw, True), 2.0 * dc * 9 * dhw * dhw, 0.0),
+        conv(f"dense conv 3x3, {c} ch", c, hw, False),
+        conv(f"depthwise conv 3x3, {dc} ch", dc, dhw, True),
         ("MatMul", matmul_model(m, k, n), 2.0 * m * k * n, 0.0),
         ("elementwise Add", add_model(e), 0.0, 3.0 * e * 4),
+        conv(f"dense conv 3x3, {c - 1} ch", c - 1, hw, False),
+        conv(f"depthwise conv 3x3, {dc - 1} ch", dc - 1, dhw, True),
+        *(conv(f"depthwise conv 3x3, {dc - q} ch", dc - q, dhw, True) for q in _MULTIPLES[:-1]),
     ]
     sessions = [session(model, threads) for _, model, _, _ in probes]
     feeds = [random_feeds(s) for s in sessions]
@@ -151,22 +168,35 @@ def calibrate(
     one, chain = best[0], best[1]
     per_op = max(chain - one, 0.0) / (sizes.chain - 1)
     # the one-tiny-op model's time is the call plus one op's overhead: what is left is the op's own
-    conv, dw, mm, add = (
+    measured = [
         Measurement(what, flops, nbytes, max(t - one, 1e-9))
         for (what, _, flops, nbytes), t in zip(probes[2:], best[2:], strict=True)
-    )
+    ]
+    dense, dw, mm, add, dense_off, dw_off = measured[:6]
+    peaks = [("conv", dense.rate), ("depthwise", dw.rate), ("gemm", mm.rate)]
+    # channel counts off a multiple run slower: the smallest multiple whose counts run at speed
+    multiple = None
+    if min(dense_off.rate / dense.rate, dw_off.rate / dw.rate) < _ALIGNED:
+        fast = [
+            q
+            for q, m in zip(_MULTIPLES, measured[6:], strict=False)
+            if m.rate >= _ALIGNED * dw.rate
+        ]
+        multiple = fast[0] if fast else _MULTIPLES[-1]
+        peaks += [("conv_unaligned", dense_off.rate), ("depthwise_unaligned", dw_off.rate)]
     device = Device(
         name=name,
-        peak_flops=conv.rate,
+        peak_flops=dense.rate,
         mem_bandwidth=add.rate,
         note=(
             f"morphonnx calibrate{' --quick' if quick else ''} on {platform.node()} "
             f"({os.cpu_count()} CPUs, {platform.machine()}), onnxruntime {ort.__version__}, "
             f"threads {threads or 'default'}, {datetime.date.today().isoformat()}"
         ),
-        op_peaks=(("conv", conv.rate), ("depthwise", dw.rate), ("gemm", mm.rate)),
+        op_peaks=tuple(peaks),
         overhead=per_op,
         threads=threads,
+        channel_multiple=multiple,
     )
     chain_m = Measurement(f"{sizes.chain} tiny ops (per op)", 0.0, 0.0, per_op)
-    return Calibration(device, [conv, dw, mm, add, chain_m], one)
+    return Calibration(device, [*measured, chain_m], one)

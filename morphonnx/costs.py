@@ -40,6 +40,7 @@ class OpCost:
     bytes: int
     elements: int  # activations read + written + weights, for devices that fix the element size
     kind: str | None = None  # op kind for per-kind peaks (morphonnx.devices.OP_KINDS)
+    channels: tuple[int, ...] = ()  # a conv's (input, output) channels, for aligned-width peaks
 
     @property
     def flops(self) -> int:
@@ -55,11 +56,11 @@ class OpCost:
         """Roofline seconds on ``device`` (:meth:`Device.latency`); 0 for constant-only nodes."""
         if not self.macs and not self.elements:
             return 0.0
-        return device.latency(self.flops, self.nbytes(device), self.kind)
+        return device.latency(self.flops, self.nbytes(device), self.kind, self.channels)
 
     def bound(self, device: Device) -> str:
         """``"compute"`` or ``"memory"``: which side of the roofline sets the latency."""
-        return device.bound(self.flops, self.nbytes(device), self.kind)
+        return device.bound(self.flops, self.nbytes(device), self.kind, self.channels)
 
 
 @dataclass
@@ -110,6 +111,14 @@ def is_depthwise(node: Node, shape_of: ShapeOf) -> bool:
     return per_group_in == 1
 
 
+def conv_channels(node: Node, shape_of: ShapeOf) -> tuple[int, ...]:
+    """(input, output) channel counts of a Conv/ConvTranspose (axis 1), () if unknown."""
+    x, y = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+    if x is None or y is None or len(x) < 2 or len(y) < 2:
+        return ()
+    return (x[1], y[1])
+
+
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
     """Cost of every node in graph order; nodes that only compute constants cost nothing."""
     shape = shape_of or graph.shape
@@ -135,7 +144,10 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
                 nbytes += n * graph.info(t).itemsize
         macs = node_macs(node, shape)
         kind = op_kind(node.op_type, is_depthwise(node, shape)) if node.standard else None
-        result.append(OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind))
+        channels = conv_channels(node, shape) if kind in ("conv", "depthwise") else ()
+        result.append(
+            OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind, channels)
+        )
     return result
 
 

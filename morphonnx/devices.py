@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,12 @@ __all__ = [
 _GIGA = 1e9
 _MICRO = 1e-6
 
-OP_KINDS = ("conv", "depthwise", "gemm")
+OP_KINDS = ("conv", "depthwise", "gemm", "conv_unaligned", "depthwise_unaligned")
 """Op kinds a profile may give its own peak: dense (and grouped) convolutions, depthwise
-convolutions, and Gemm/MatMul. Every other op uses ``peak_flops``."""
+convolutions, and Gemm/MatMul. Every other op uses ``peak_flops``. The ``_unaligned`` kinds are
+convolutions whose input or output channel count is not a multiple of the profile's
+``channel_multiple``: CPU kernels work on blocks of channels and fall back to slower code for the
+rest (``calibrate`` measures both)."""
 
 
 def op_kind(op_type: str, depthwise: bool = False) -> str | None:
@@ -69,6 +73,7 @@ class Device:
     op_peaks: tuple[tuple[str, float], ...] = ()  # (op kind, FLOP/s) pairs overriding peak_flops
     overhead: float = 0.0  # seconds every op pays on top of its roofline time
     threads: int | None = None  # intra-op threads the profile was measured with (calibrate)
+    channel_multiple: int | None = None  # conv channel counts off this multiple are "unaligned"
 
     def __post_init__(self) -> None:
         rates = [("peak_flops", self.peak_flops), ("mem_bandwidth", self.mem_bandwidth)]
@@ -82,19 +87,32 @@ class Device:
             raise ValueError(f"device {self.name!r}: overhead must be 0 or more seconds")
         if self.bytes_per_element is not None and self.bytes_per_element <= 0:
             raise ValueError(f"device {self.name!r}: bytes_per_element must be positive")
+        if self.channel_multiple is not None and self.channel_multiple < 1:
+            raise ValueError(f"device {self.name!r}: channel_multiple must be positive")
 
-    def peak(self, kind: str | None = None) -> float:
-        """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else ``peak_flops``."""
-        return dict(self.op_peaks).get(kind or "", self.peak_flops)
+    def peak(self, kind: str | None = None, channels: Sequence[float] = ()) -> float:
+        """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else ``peak_flops``;
+        the kind's ``_unaligned`` peak when one of the op's (input, output) ``channels`` is off
+        the profile's ``channel_multiple``."""
+        peaks = dict(self.op_peaks)
+        m = self.channel_multiple
+        if kind and m and any(round(c) % m for c in channels):
+            kind = f"{kind}_unaligned" if f"{kind}_unaligned" in peaks else kind
+        return peaks.get(kind or "", self.peak_flops)
 
-    def latency(self, flops: float, nbytes: float, kind: str | None = None) -> float:
-        """Roofline seconds of one op: ``overhead + max(flops / peak(kind), nbytes /
+    def latency(
+        self, flops: float, nbytes: float, kind: str | None = None, channels: Sequence[float] = ()
+    ) -> float:
+        """Roofline seconds of one op: ``overhead + max(flops / peak(kind, channels), nbytes /
         mem_bandwidth)``; built-in profiles have no overhead and one peak (MorphNet's model)."""
-        return self.overhead + max(flops / self.peak(kind), nbytes / self.mem_bandwidth)
+        peak = self.peak(kind, channels)
+        return self.overhead + max(flops / peak, nbytes / self.mem_bandwidth)
 
-    def bound(self, flops: float, nbytes: float, kind: str | None = None) -> str:
+    def bound(
+        self, flops: float, nbytes: float, kind: str | None = None, channels: Sequence[float] = ()
+    ) -> str:
         """``"compute"`` if compute time >= memory time, else ``"memory"``."""
-        if flops / self.peak(kind) >= nbytes / self.mem_bandwidth:
+        if flops / self.peak(kind, channels) >= nbytes / self.mem_bandwidth:
             return "compute"
         return "memory"
 
@@ -173,6 +191,7 @@ _KNOWN = {
     "overhead_s",
     "overhead_us",
     "threads",
+    "channel_multiple",
 }
 
 
@@ -275,6 +294,13 @@ def _load_profile(path: Path) -> Device:
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 0
     ):
         raise MorphonnxError(f"{where}: 'threads' must be an integer >= 0, got {threads!r}")
+    multiple = data.get("channel_multiple")
+    if multiple is not None and (
+        isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1
+    ):
+        raise MorphonnxError(
+            f"{where}: 'channel_multiple' must be a positive integer, got {multiple!r}"
+        )
     return Device(
         name=name,
         peak_flops=peak,
@@ -284,6 +310,7 @@ def _load_profile(path: Path) -> Device:
         op_peaks=_op_peaks(where, data),
         overhead=_overhead(where, data),
         threads=threads,
+        channel_multiple=multiple,
     )
 
 
@@ -304,6 +331,8 @@ def profile_toml(device: Device) -> str:
         lines.append(f"bytes_per_element = {device.bytes_per_element}")
     if device.threads is not None:
         lines.append(f"threads = {device.threads}")
+    if device.channel_multiple is not None:
+        lines.append(f"channel_multiple = {device.channel_multiple}")
     if device.op_peaks:
         lines += ["", "[peak_gflops_by_op]"]
         lines += [f"{k} = {num(v / _GIGA)}" for k, v in device.op_peaks]

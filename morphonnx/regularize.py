@@ -184,9 +184,11 @@ def cost_and_loss(
                 + t["bias_elems"] * o.alive
             )
             kind = op_kind(t["op_type"], dw)
-            total_cost += device.latency(flops, nbytes, kind)
-            if device.bound(flops, nbytes, kind) == "compute":
-                total_loss = total_loss + t["flop_coeff"] * pair_loss / device.peak(kind)
+            sides = (i.alive, o.alive) if kind in ("conv", "depthwise") else ()
+            total_cost += device.latency(flops, nbytes, kind, sides)
+            if device.bound(flops, nbytes, kind, sides) == "compute":
+                peak = device.peak(kind, sides)
+                total_loss = total_loss + t["flop_coeff"] * pair_loss / peak
             else:
                 mem_loss = size * (
                     t["in_elems"] * i.reg
