@@ -24,8 +24,9 @@ from torch_models import build_model, example_input
 from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec
 from morphonnx.analysis import analyze
 from morphonnx.calibrate import calibrate
-from morphonnx.devices import Device, profile_toml, resolve_device
+from morphonnx.devices import profile_toml, resolve_device
 from morphonnx.errors import MorphonnxError
+from morphonnx.regularize import NUMPY, cost_and_loss
 from morphonnx.sweep import ranks, spearman
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,11 +36,14 @@ peak_gflops = 50
 mem_bandwidth_gbps = 10
 overhead_us = 2.5
 threads = 1
+channel_multiple = 16
 
 [peak_gflops_by_op]
 conv = 40
 depthwise = 4
 gemm = 80
+conv_unaligned = 20
+depthwise_unaligned = 1
 """
 
 
@@ -60,9 +64,12 @@ def box(tmp_path: Path) -> Path:
     return path
 
 
-def by_hand(dev: Device, flops: float, nbytes: float, kind: str | None) -> float:
+def by_hand(flops: float, nbytes: float, kind: str | None, channels: tuple[int, ...] = ()) -> float:
+    """The box profile's roofline, written out: a conv with a channel count off 16 is slower."""
     peaks = {"conv": 40e9, "depthwise": 4e9, "gemm": 80e9}
-    assert dev.name == "box"
+    peaks |= {"conv_unaligned": 20e9, "depthwise_unaligned": 1e9}
+    if kind in ("conv", "depthwise") and any(c % 16 for c in channels):
+        kind += "_unaligned"
     return 2.5e-6 + max(flops / peaks.get(kind or "", 50e9), nbytes / 10e9)
 
 
@@ -74,7 +81,12 @@ def test_per_op_profile_reads_and_round_trips(box: Path, tmp_path: Path) -> None
     assert dev.peak("conv") == 40e9 and dev.peak("depthwise") == 4e9 and dev.peak("gemm") == 80e9
     assert dev.peak(None) == 50e9 and dev.overhead == pytest.approx(2.5e-6) and dev.threads == 1
     assert dev.latency(8e9, 0, "depthwise") == pytest.approx(2.5e-6 + 2.0)
+    assert dev.latency(8e9, 0, "depthwise", (32, 32)) == pytest.approx(2.5e-6 + 2.0)
+    assert dev.latency(8e9, 0, "depthwise", (24, 24)) == pytest.approx(2.5e-6 + 8.0)
+    assert dev.latency(8e9, 0, "conv", (16, 17)) == pytest.approx(2.5e-6 + 0.4)
+    assert dev.latency(8e9, 0, "gemm", (3, 5)) == pytest.approx(2.5e-6 + 0.1)
     assert dev.latency(0, 1e9, "gemm") == pytest.approx(2.5e-6 + 0.1)
+    assert dev.channel_multiple == 16
     again = tmp_path / "again.toml"
     again.write_text(profile_toml(dev))
     assert resolve_device(str(again)) == dev
@@ -107,26 +119,34 @@ def test_analyze_json_uses_per_kind_peaks_and_overhead(
     rc, _, err = run(capsys, "analyze", models["tiny_mobilenet_v2"], "--device", box, "--json", out)
     assert rc == 0, err
     doc = json.loads(out.read_text())
-    model = onnx.load(str(models["tiny_mobilenet_v2"]))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(models["tiny_mobilenet_v2"])))
     inits = {t.name: t for t in model.graph.initializer}
+    dims = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info
+    }
+    dims |= {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     kinds = set()
     total = 0.0
     for op in doc["ops"]:
-        kind = None
+        kind, channels = None, ()
         if op["op_type"] == "Conv":
             node = next(n for n in model.graph.node if n.name == op["name"])
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             kind = "depthwise" if group > 1 and inits[node.input[1]].dims[1] == 1 else "conv"
+            channels = (dims[node.input[0]][1], dims[node.output[0]][1])
+            kinds.add((kind, any(c % 16 for c in channels)))
         elif op["op_type"] in ("Gemm", "MatMul"):
             kind = "gemm"
         kinds.add(kind)
         want = (
             0.0
             if op["op_type"] == "Constant"
-            else by_hand(resolve_device(str(box)), op["flops"], op["bytes"], kind)
+            else by_hand(op["flops"], op["bytes"], kind, channels)
         )
         assert op["latency_s"]["box"] == pytest.approx(want, rel=1e-12)
         total += want
+    for case in (("conv", True), ("conv", False), ("depthwise", True), ("depthwise", False)):
+        assert case in kinds  # aligned and unaligned convs of both kinds are exercised
     assert {"conv", "depthwise", "gemm", None} <= kinds
     assert doc["totals"]["latency_s"]["box"] == pytest.approx(total, rel=1e-9)
 
@@ -144,6 +164,16 @@ def test_latency_loss_uses_the_same_roofline_as_analyze(
     assert any(c.kind == "depthwise" for c in a.costs if c.name in costed)
     got = Regularizer(net, str(spec), cost="latency", device=str(box), threshold=0.0).cost()
     assert got == pytest.approx(want, rel=1e-9)
+    # with channels dead (alignment changes): the core formula agrees with analyze's prediction
+    doc = json.loads(spec.read_text())
+    rng = np.random.default_rng(0)
+    keep = {g["id"]: rng.random(g["channels"]) < 0.6 for g in doc["groups"] if g["prunable"]}
+    for k in keep.values():
+        k[0] = True
+    vectors = {gid: k.astype(float) for gid, k in keep.items()}
+    cost, _ = cost_and_loss(NUMPY, doc, vectors, cost="latency", threshold=0.5, device=dev)
+    costs, _ = a.predict({gid: k.tolist() for gid, k in keep.items()})
+    assert cost == pytest.approx(sum(c.latency(dev) for c in costs if c.name in costed), rel=1e-9)
 
 
 def test_builtin_profiles_have_no_overhead_or_kind_peaks() -> None:
@@ -166,6 +196,11 @@ def test_calibrate_numbers_are_plausible() -> None:
     assert 1e8 < d.mem_bandwidth < 1e12
     assert 0 <= d.overhead < 1e-3 and 0 < c.call_overhead < 1e-2
     assert d.threads == 1
+    assert d.channel_multiple in (None, 4, 8, 16)
+    if d.channel_multiple:  # unaligned widths were measured clearly slower for conv or depthwise
+        odd = (d.channel_multiple + 1,)
+        slow = [d.peak(k, odd) / d.peak(k) for k in ("conv", "depthwise")]
+        assert min(slow) < 0.8
     for m in c.measurements:
         assert m.seconds > 0 and math.isfinite(m.seconds)
 
