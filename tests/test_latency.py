@@ -212,7 +212,8 @@ def test_calibrate_cli_profile_works_everywhere(
     rc, out, err = run(capsys, "calibrate", "-o", prof, "--quick", "--threads", "1")
     assert rc == 0, err
     dev = resolve_device(str(prof))
-    assert dev.name == "mymachine" and dev.overhead > 0 and len(dev.op_peaks) == 3
+    assert dev.name == "mymachine" and dev.overhead > 0
+    assert {"conv", "depthwise", "gemm"} <= {k for k, _ in dev.op_peaks}
     spec = tmp_path / "spec.json"
     rc, _, err = run(capsys, "spec", models["tiny_resnet"], "--device", prof, "-o", spec)
     assert rc == 0, err
