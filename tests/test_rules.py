@@ -26,7 +26,8 @@ from onnx_builders import (  # noqa: E402
 )
 
 from morphonnx.groups import Group, Solution  # noqa: E402
-from morphonnx.rules import RULES, reshape_map  # noqa: E402
+from morphonnx.ops import REGISTRY
+from morphonnx.ops.layout import reshape_map
 
 C = 8
 A_OWN = {("a.weight", 0), ("a.bias", 0)}
@@ -130,9 +131,9 @@ def test_every_rule_is_exercised() -> None:
     """Every rule function of the table is reached by an op kind that these tests build."""
     here = Path(__file__).resolve().parent
     source = (here / "test_rules.py").read_text() + (here / "test_groups.py").read_text()
-    built = {op for op in RULES if f'"{op}"' in source}
-    rule_functions = {RULES[op].channels.__name__ for op in RULES}
-    covered = {RULES[op].channels.__name__ for op in built}
+    built = {op for op in REGISTRY if f'"{op}"' in source}
+    rule_functions = {REGISTRY[op].channels.__name__ for op in REGISTRY}
+    covered = {REGISTRY[op].channels.__name__ for op in built}
     assert rule_functions - covered == set()
 
 
@@ -1334,7 +1335,7 @@ def test_if_reading_channels_from_the_outer_graph_stops(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("op", ["NonZero", "TopK"])
 def test_default_domain_op_missing_from_table_stops(tmp_path: Path, op: str) -> None:
-    assert op not in RULES
+    assert op not in REGISTRY
     b = Builder()
     a = stem(b)
     if op == "TopK":
