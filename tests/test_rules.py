@@ -1177,6 +1177,43 @@ def test_softmax_opset11_flattens_from_axis(tmp_path: Path) -> None:
     stops(b.solve(tmp_path), "Softmax at node `sm`")
 
 
+def _scalar(b: Builder, name: str, value: int) -> str:
+    return b.init(name, np.array(value, dtype=np.int64))
+
+
+@pytest.mark.parametrize("axis, reverse", [(2, 0), (3, 1), (-1, 0), (-2, 1)])
+def test_cumsum_along_space_passes(tmp_path: Path, axis: int, reverse: int) -> None:
+    b = Builder()
+    y = b.node("CumSum", [stem(b), _scalar(b, "axis", axis)], reverse=reverse)
+    head(b, y)
+    passes(b.solve(tmp_path))
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_cumsum_along_channels_stops(tmp_path: Path, axis: int) -> None:
+    b = Builder()
+    y = b.node("CumSum", [stem(b), _scalar(b, "axis", axis)], name="cs")
+    head(b, y)
+    stops(b.solve(tmp_path), "CumSum at node `cs` accumulates along the channel axis")
+
+
+def test_cumsum_nhwc_over_height_passes(tmp_path: Path) -> None:
+    """Channels last (after a Transpose): a CumSum over axis 1 (H) keeps them on axis 3."""
+    b = Builder()
+    t = b.node("Transpose", [stem(b)], perm=[0, 2, 3, 1])
+    y = b.node("CumSum", [t, _scalar(b, "axis", 1)], exclusive=1)
+    head(b, b.node("Transpose", [y], perm=[0, 3, 1, 2]))
+    passes(b.solve(tmp_path))
+
+
+def test_cumsum_with_axis_computed_at_run_time_stops(tmp_path: Path) -> None:
+    b = Builder()
+    axis = b.input("axis", [], INT64)
+    y = b.node("CumSum", [stem(b), axis], name="cs")
+    head(b, y)
+    stops(b.solve(tmp_path), "CumSum at node `cs` accumulates along an axis computed at run time")
+
+
 # --- quantization, shape, constants ---------------------------------------------------------------
 
 

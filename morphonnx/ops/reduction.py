@@ -1,4 +1,5 @@
-"""Reductions over axes: pooling, Reduce*, ArgMax/ArgMin, softmax-like normalizers."""
+"""Reductions and scans over axes: pooling, Reduce*, ArgMax/ArgMin, softmax-like normalizers,
+CumSum."""
 
 from __future__ import annotations
 
@@ -65,6 +66,21 @@ def softmax(ctx: RuleContext, x: str, a: int) -> None:
     passthrough(ctx, a)
 
 
+@follows_input
+def cumsum(ctx: RuleContext, x: str, a: int) -> None:
+    """CumSum (DETR-style position embeddings, box decoders) accumulates along its ``axis``
+    input: channels pass along other axes; along the channel axis each output sums the channels
+    before it (channels mix)."""
+    axis = ints(ctx, "axis", 1)
+    if axis is None:
+        mixes(ctx, "accumulates along an axis computed at run time")
+        return
+    if axis[0] % ctx.rank(x) == a:
+        mixes(ctx, "accumulates along the channel axis (channels mix)")
+        return
+    passthrough(ctx, a)
+
+
 _POOLS = """MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool""".split()
 _REDUCE = """ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
 ReduceLogSumExp ReduceSumSquare""".split()
@@ -78,4 +94,5 @@ KINDS = (
     OpKind("Softmax", softmax, expands=False),
     OpKind("LogSoftmax", softmax),
     OpKind("Hardmax", softmax),
+    OpKind("CumSum", cumsum),
 )
