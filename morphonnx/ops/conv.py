@@ -7,7 +7,7 @@ import numpy as np
 from morphonnx.channels import RuleContext, Slot
 from morphonnx.graph import Node, Shape
 from morphonnx.ops.common import mixes
-from morphonnx.ops.kind import Grouping, Layer, OpKind, numel
+from morphonnx.ops.kind import ChannelRule, Grouping, Layer, Macs, OpKind, numel
 from morphonnx.ops.rewrite import RewriteContext
 
 
@@ -92,29 +92,13 @@ def conv_group(ctx: RewriteContext) -> None:
         ctx.set_attr("group", ctx.shape(x)[1])
 
 
-def _channels_first(node: Node, x_rank: int, y_rank: int) -> tuple[int, int]:
-    return 1, 1
+def _conv_kind(op_type: str, rule: ChannelRule, macs: Macs) -> OpKind:
+    """Channels on axis 1 of input and output, ``group`` rewritten for depthwise ones."""
+    layer = Layer(macs=macs, sides=lambda node, x_rank, y_rank: (1, 1), grouping=grouping)
+    return OpKind(op_type, rule, rewrite=conv_group, layer=layer)
 
 
 KINDS = (
-    OpKind(
-        "Conv",
-        conv,
-        rewrite=conv_group,
-        layer=Layer(
-            macs=lambda node, x, w, y: numel(y) * numel(w[1:]),
-            sides=_channels_first,
-            grouping=grouping,
-        ),
-    ),
-    OpKind(
-        "ConvTranspose",
-        conv_transpose,
-        rewrite=conv_group,
-        layer=Layer(
-            macs=lambda node, x, w, y: numel(x) * numel(w[1:]),
-            sides=_channels_first,
-            grouping=grouping,
-        ),
-    ),
+    _conv_kind("Conv", conv, lambda node, x, w, y: numel(y) * numel(w[1:])),
+    _conv_kind("ConvTranspose", conv_transpose, lambda node, x, w, y: numel(x) * numel(w[1:])),
 )

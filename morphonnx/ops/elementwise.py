@@ -71,7 +71,10 @@ _NON_EXPANDING = set(
     """Relu LeakyRelu Sigmoid HardSigmoid Tanh Elu Clip Abs Neg Identity Dropout Max Min""".split()
 )
 
-KINDS = tuple(OpKind(op, unary, expands=op not in _NON_EXPANDING) for op in _UNARY) + tuple(
-    OpKind(op, elementwise, per_channel=op in _PER_CHANNEL, expands=op not in _NON_EXPANDING)
-    for op in _BINARY
+KINDS = (
+    *(OpKind(op, unary, expands=op not in _NON_EXPANDING) for op in _UNARY),
+    *(
+        OpKind(op, elementwise, per_channel=op in _PER_CHANNEL, expands=op not in _NON_EXPANDING)
+        for op in _BINARY
+    ),
 )

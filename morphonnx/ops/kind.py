@@ -13,10 +13,12 @@ from morphonnx.ops.rewrite import RewriteContext
 ShapeOf = Callable[[str], Shape | None]
 ChannelRule = Callable[[RuleContext], None]
 Rewrite = Callable[[RewriteContext], None]
+Macs = Callable[[Node, Shape, Shape, Shape], int]
+"""MACs from the shapes of input 0, the weight and output 0 (no bias)."""
 
 
 def numel(shape: Shape | None) -> int:
-    """Elements of a tensor; 0 when its shape is not known (costs show that as nothing counted)."""
+    """Elements of a tensor of known shape; 0 otherwise."""
     if shape is None or any(d < 0 for d in shape):
         return 0
     return math.prod(shape)
@@ -40,8 +42,7 @@ class Grouping:
 class Layer:
     """An op with a weight (input 1) whose multiply-accumulates MorphNet counts."""
 
-    macs: Callable[[Node, Shape, Shape, Shape], int]
-    """MACs from the shapes of input 0, the weight and output 0 (no bias)."""
+    macs: Macs
     sides: Callable[[Node, int, int], tuple[int, int]]
     """Channel axes of input 0 and of output 0, from their ranks."""
     grouping: Callable[[Node, Shape], Grouping] | None = None
