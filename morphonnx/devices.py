@@ -36,7 +36,7 @@ __all__ = [
     "OP_KINDS",
     "Device",
     "list_devices",
-    "op_kind",
+    "roofline_kind",
     "profile_toml",
     "resolve_device",
 ]
@@ -52,7 +52,7 @@ convolutions whose input or output channel count is not a multiple of the profil
 rest (``calibrate`` measures both)."""
 
 
-def op_kind(op_type: str, depthwise: bool = False) -> str | None:
+def roofline_kind(op_type: str, depthwise: bool = False) -> str | None:
     """The :data:`OP_KINDS` entry of an op (None for ops without one of their own)."""
     if op_type in ("Conv", "ConvTranspose"):
         return "depthwise" if depthwise else "conv"

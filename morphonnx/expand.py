@@ -26,8 +26,9 @@ from morphonnx.analysis import Analysis
 from morphonnx.costs import Totals
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
+from morphonnx.ops import op_kind
+from morphonnx.ops.slicing import slice_bounds
 from morphonnx.prune import layer_widths, rewrite_model
-from morphonnx.rules import rule_for
 
 TARGETS = ("flops", "size", "latency")
 WIDTHS_FORMAT = "morphonnx.widths"
@@ -214,8 +215,7 @@ def expand_model(
     sources = slot_sources(a, channel_order(a, keep, widths))
     changed = {tensor for tensor, _ in sources}
     for node in a.graph.nodes:
-        rewrite = rule_for(node.op_type, node.standard).rewrite
-        if rewrite == "slice_bounds" and node.inputs and node.inputs[0] in changed:
+        if op_kind(node).rewrite is slice_bounds and node.inputs and node.inputs[0] in changed:
             raise MorphonnxError(
                 f"{a.graph.path}: cannot write the expanded model: {node.op_type} node "
                 f"'{node.name}' slices channels that change width"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from morphonnx.devices import Device, op_kind
+from morphonnx.devices import Device, roofline_kind
 
 KINDS = ("gamma", "group_lasso")
 COSTS = ("flops", "size", "latency")
@@ -183,7 +183,7 @@ def cost_and_loss(
                 + t["size_coeff"] * pair_cost
                 + t["bias_elems"] * o.alive
             )
-            kind = op_kind(t["op_type"], dw)
+            kind = roofline_kind(t["op_type"], dw)
             sides = (i.alive, o.alive) if kind in ("conv", "depthwise") else ()
             total_cost += device.latency(flops, nbytes, kind, sides)
             if device.bound(flops, nbytes, kind, sides) == "compute":
