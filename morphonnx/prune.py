@@ -25,6 +25,7 @@ from morphonnx.errors import MorphonnxError
 from morphonnx.formats import atomic_write
 from morphonnx.graph import Node
 from morphonnx.rules import rule_for
+from morphonnx.tensors import all_tensors
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Above this many weight bytes the pruned model is saved with external data (protobuf's 2 GB)."""
@@ -389,26 +390,10 @@ def save_model(
         raise
 
 
-def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    found = list(graph.initializer)
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                found.append(a.t)
-            elif a.type == onnx.AttributeProto.TENSORS:
-                found.extend(a.tensors)
-            elif a.type == onnx.AttributeProto.GRAPH:
-                found.extend(_all_tensors(a.g))
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    found.extend(_all_tensors(sg))
-    return found
-
-
 def _internalize(model: onnx.ModelProto, base_dir: Path) -> None:
     """Undo what saving with external data did to ``model`` in memory: every tensor marked as
     external gets its bytes back (from the proto if still there, else from ``base_dir``)."""
-    for t in _all_tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         if t.HasField("raw_data"):  # marked but not written yet (the save failed)
