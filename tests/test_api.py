@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
+from onnx_builders import Builder
 
 import morphonnx
 from morphonnx.prune import prune_model
@@ -19,32 +20,19 @@ W1 = (
     np.ones((4, 3, 3, 3), np.float32)
     * np.array([1.0, 1e-3, 1.0, 1e-3], np.float32)[:, None, None, None]
 )
+B1 = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
 W2 = np.arange(20, dtype=np.float32).reshape(5, 4, 1, 1) / 10
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """x [1, 3, 8, 8] -> conv1 (4 filters, 3x3, same) -> Relu -> conv2 (5 filters, 1x1) -> y."""
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["y"], kernel_shape=[1, 1]),
-    ]
-    inits = [
-        numpy_helper.from_array(W1, "w1"),
-        numpy_helper.from_array(np.array([0.1, 0.2, 0.3, 0.4], np.float32), "b1"),
-        numpy_helper.from_array(W2, "w2"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "api",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8, 8])],
-        inits,
-    )
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    return path
+    b = Builder(opset=13)
+    x = b.input("x", [1, 3, 8, 8])
+    c1 = b.node("Conv", [x, b.init("w1", W1), b.init("b1", B1)], kernel_shape=[3, 3], pads=[1] * 4)
+    y = b.node("Conv", [b.relu(c1), b.init("w2", W2)], "y", kernel_shape=[1, 1])
+    b.output(y)
+    return b.save(tmp_path)
 
 
 def _conv1_group(a: morphonnx.api.Analysis) -> str:
