@@ -14,7 +14,7 @@ import onnx
 from morphonnx.errors import MorphonnxError
 from morphonnx.fold import FOLDS
 from morphonnx.ir import Constant, Node, TensorInfo, constant_node_value, np_dtype
-from morphonnx.load.files import PACKED_OR_VARIABLE
+from morphonnx.load.files import check_initializer
 from morphonnx.protoscan import LazyWeights
 from morphonnx.shapevalue import graph_values, small_initializers
 
@@ -31,7 +31,7 @@ def find_constants(
     for t in model.graph.initializer:
         span = spans.get(t.name)
         stored = span[1] - span[0] if span else len(t.raw_data)
-        dtype = _check_tensor(path, t, stored)
+        dtype = check_initializer(path, t, stored)
         constants[t.name] = Constant(t.name, "initializer", tuple(t.dims), dtype)
     shape_values = graph_values(nodes, small_initializers(model.graph.initializer))
     for n in nodes:
@@ -58,23 +58,6 @@ def find_constants(
                 continue  # not a well-formed constant; shape inference decides what it is
             constants[out] = Constant(out, "constant_of_shape", shape, fill_dtype, node=n.name)
     return constants
-
-
-def _check_tensor(path: Path | None, t: onnx.TensorProto, stored: int) -> np.dtype:
-    """The dtype of initializer ``t``, after checking its type, dims and inline byte count."""
-    dtype = np_dtype(t.data_type)
-    if dtype is None:
-        raise MorphonnxError(f"{path}: initializer '{t.name}' has unknown data type {t.data_type}")
-    if any(d < 0 for d in t.dims):
-        raise MorphonnxError(f"{path}: initializer '{t.name}' has negative dims {list(t.dims)}")
-    if stored and t.data_type not in PACKED_OR_VARIABLE:
-        need = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
-        if stored != need:
-            raise MorphonnxError(
-                f"{path}: initializer '{t.name}' holds {stored} bytes, its shape "
-                f"{list(t.dims)} needs {need} (corrupt file?)"
-            )
-    return dtype
 
 
 def fold_constants(

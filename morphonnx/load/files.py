@@ -81,3 +81,20 @@ def default_opset(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return int(o.version)
     return onnx.defs.onnx_opset_version()
+
+
+def check_initializer(path: Path | None, t: onnx.TensorProto, stored: int) -> np.dtype:
+    """The dtype of initializer ``t``, after checking its type, dims and inline byte count."""
+    dtype = np_dtype(t.data_type)
+    if dtype is None:
+        raise MorphonnxError(f"{path}: initializer '{t.name}' has unknown data type {t.data_type}")
+    if any(d < 0 for d in t.dims):
+        raise MorphonnxError(f"{path}: initializer '{t.name}' has negative dims {list(t.dims)}")
+    if stored and t.data_type not in PACKED_OR_VARIABLE:
+        need = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+        if stored != need:
+            raise MorphonnxError(
+                f"{path}: initializer '{t.name}' holds {stored} bytes, its shape "
+                f"{list(t.dims)} needs {need} (corrupt file?)"
+            )
+    return dtype
