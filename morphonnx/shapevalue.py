@@ -64,7 +64,8 @@ class ShapeValues:
                 continue
             path.add(t)
             stack.append((t, node))
-            stack.extend((i, None) for i in node.inputs if i and i not in self._memo)
+            if node.op_type not in SHAPE_OPS:  # those read their input's shape, not its value
+                stack.extend((i, None) for i in node.inputs if i and i not in self._memo)
         return self._memo[tensor]
 
     def _leaf_or_node(self, tensor: str) -> np.ndarray | Node | None:
