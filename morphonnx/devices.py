@@ -33,13 +33,17 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 __all__ = [
     "BUILTIN",
+    "DEFAULT_DEVICES",
     "OP_KINDS",
     "Device",
     "list_devices",
-    "roofline_kind",
     "profile_toml",
     "resolve_device",
+    "roofline_kind",
 ]
+
+DEFAULT_DEVICES = ("V100",)
+"""Devices costed when none are named (MorphNet's own reference device)."""
 
 _GIGA = 1e9
 _MICRO = 1e-6

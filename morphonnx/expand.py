@@ -211,7 +211,7 @@ def slot_sources(a: Analysis, order: Mapping[str, list[int]]) -> dict[tuple[str,
 def expand_model(
     a: Analysis, keep: Mapping[str, Sequence[bool]], widths: Mapping[str, int]
 ) -> onnx.ModelProto:
-    """An ONNX model of the structure ``widths`` (the analysis's proto is modified in place)."""
+    """An ONNX model of the structure ``widths``, from a fresh read of the analysed file."""
     sources = slot_sources(a, channel_order(a, keep, widths))
     changed = {tensor for tensor, _ in sources}
     for node in a.graph.nodes:

@@ -150,11 +150,10 @@ def write_rows(path: Path, setup: SweepSetup, rows: Sequence[Row]) -> None:
 
 
 def measure_variant(
-    setup: SweepSetup, keep: Keep, out: Path, reference: Timed
+    a: Analysis, setup: SweepSetup, keep: Keep, out: Path, reference: Timed
 ) -> tuple[float, float]:
-    """Prune a fresh analysis of the model with ``keep`` into ``out`` (checked) and time it against
-    the original: (median seconds, median ratio to the original's adjacent runs)."""
-    a = setup.analyze()  # prune rewrites the analysis's model in place: one per variant
+    """Prune the model with ``keep`` into ``out`` (checked) and time it against the original:
+    (median seconds, median ratio to the original's adjacent runs)."""
     save_model(prune_model(a, keep), out, a.graph.path, lambda p: check_pruned(p, str(out)))
     variant = timed_session(out, setup.config, reference[1])
     mine, theirs = time_pairs(variant, reference, setup.config.warmup, setup.config.repeats)
@@ -197,7 +196,7 @@ def run_sweep(
                 continue
             _, predicted = a.predict(keep)
             out = folder / f"variant_{i:03d}.onnx"
-            measured, relative = measure_variant(setup, keep, out, reference)
+            measured, relative = measure_variant(a, setup, keep, out, reference)
             kept = sum(sum(k) for k in keep.values())
             row: Row = {
                 "variant": str(i),
