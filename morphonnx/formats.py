@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -75,15 +76,39 @@ def fingerprint(model: onnx.ModelProto) -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only if
-    ``write`` succeeds: a failed command never leaves a half-written or clobbered output."""
+def check_output(path: str | os.PathLike[str]) -> Path:
+    """``path`` as an output: a name in an existing folder that is free or holds a regular file.
+
+    Anything else is refused and never replaced: a folder, a device (``/dev/null``), a FIFO, a
+    socket, or a symbolic link (even to a regular file: replacing the link would silently
+    detach it, writing through it would put the file, and external data, somewhere else)."""
+    if not os.fspath(path):
+        raise MorphonnxError("'': empty output file name")
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise MorphonnxError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    if mode is not None and stat.S_ISLNK(mode):
+        raise MorphonnxError(f"{target}: is a symbolic link; give the path of a regular file")
+    if mode is not None and stat.S_ISDIR(mode):
+        raise MorphonnxError(f"{target}: is a folder, expected a file name")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise MorphonnxError(f"{target}: is not a regular file (device, FIFO or socket)")
     if not parent.is_dir():
         raise MorphonnxError(f"{target}: folder {parent} does not exist")
-    if target.is_dir():
-        raise MorphonnxError(f"{target}: is a folder, expected a file name")
+    return target
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only if
+    ``write`` succeeds: a failed command never leaves a half-written or clobbered output, and
+    nothing but a regular file is ever replaced (:func:`check_output`)."""
+    target = check_output(path)
+    parent = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     except OSError as exc:
@@ -92,6 +117,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+        check_output(target)  # still free or a regular file: something may have appeared
         os.replace(tmp, target)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ sizes, Expand shapes) is done by the rewrite each rule names in ``morphonnx.rule
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from onnx.external_data_helper import load_external_data_for_model, load_externa
 from morphonnx.analysis import Analysis
 from morphonnx.costs import SOURCE_OPS, ShapeOf
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import atomic_write
+from morphonnx.formats import atomic_write, check_output
 from morphonnx.graph import Node
+from morphonnx.protoscan import read_stripped
 from morphonnx.rules import rule_for
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -346,23 +348,27 @@ def save_model(
 ) -> None:
     """Save atomically, never over the input; big models get external data beside the output.
     ``check(path)`` runs on the written file before it is moved to ``out``: if it raises, nothing
-    is left at ``out`` (nor a data file beside it)."""
-    target = Path(out)
-    if target.exists() and target.resolve() == source.resolve():
+    is left at ``out`` (nor a data file beside it).
+
+    External data goes to a file created afresh for this write (``OUT.data``, or
+    ``OUT.<random>.data`` when that name is taken), so an earlier output and its data file stay a
+    valid pair until the new ``.onnx`` replaces the old one in one rename; only then is the old
+    output's data file removed, unless the input model reads it. No data file is ever written
+    over, and two commands writing the same output cannot disturb each other's files."""
+    target = check_output(out)
+    if target.exists() and _same_file(target, source):
         raise MorphonnxError(f"{target}: refusing to overwrite the input model")
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD or any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
     )
-
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         load_external_data_for_model(model, str(source.parent))
-
-    data = target.with_name(target.name + ".data")
+    data = _fresh_data_file(target) if external else None
+    replaced: list[Path] = []
 
     def write(tmp: Path) -> None:
-        if external:
-            data.unlink(missing_ok=True)
+        if data is not None:
             try:
                 onnx.save_model(
                     model,
@@ -380,13 +386,60 @@ def save_model(
             onnx.save_model(model, str(tmp))
         if check is not None:
             check(tmp)
+        replaced.extend(external_files(target))  # read last: the pair this write replaces
 
     try:
         atomic_write(target, write)
     except BaseException:
-        if external:
+        if data is not None:
             data.unlink(missing_ok=True)
         raise
+    needed = external_files(source) + ([data] if data is not None else [])
+    for old in replaced:
+        if not any(_same_file(old, n) for n in needed):
+            old.unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _fresh_data_file(target: Path) -> Path:
+    """A new, empty external-data file beside ``target`` that no other file refers to yet."""
+    name = f"{target.name}.data"
+    while True:
+        path = target.with_name(name)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            name = f"{target.name}.{secrets.token_hex(4)}.data"
+        except OSError as exc:
+            raise MorphonnxError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def external_files(path: Path) -> list[Path]:
+    """The regular files beside ``path`` that the model there keeps external data in (none if
+    it is missing or unreadable); read without loading any weights."""
+    if not path.is_file():
+        return []
+    try:
+        model, _ = read_stripped(path)
+    except Exception:  # not a model we can read: it refers to nothing we would touch
+        return []
+    found: dict[str, Path] = {}
+    for t in _all_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if loc and Path(loc).name == loc and loc not in (".", ".."):
+            candidate = path.with_name(loc)
+            if candidate.is_file() and not candidate.is_symlink():
+                found[loc] = candidate
+    return list(found.values())
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:

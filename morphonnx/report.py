@@ -8,12 +8,26 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from morphonnx.analysis import Analysis, unsupported_ops
 from morphonnx.costs import OpCost, Totals
 from morphonnx.devices import Device
-from morphonnx.errors import MorphonnxError
+from morphonnx.errors import MorphonnxError, literal
 from morphonnx.verify import Verification
+
+
+class LiteralConsole(Console):
+    """A console that prints every string as it is: no rich markup, no emoji codes, control
+    characters escaped. Names and paths come from files and users (``block[conv].weight``, a node
+    called ``[/bold]``, ANSI escapes); colour is given with ``style=`` or :class:`Text` instead."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)  # type: ignore[arg-type]
+
+    def render_str(self, text: str, **kwargs: object) -> Text:  # type: ignore[override]
+        kwargs.update(markup=False, emoji=False)
+        return super().render_str(literal(text), **kwargs)  # type: ignore[arg-type]
 
 
 def si(n: float, unit: str = "") -> str:
@@ -86,7 +100,8 @@ def print_analysis(console: Console, a: Analysis, top: int) -> None:
     g = a.graph
     inputs = ", ".join(f"{n} {list(g.shape(n) or ())}" for n in g.inputs)
     console.print(
-        f"[bold]{g.path}[/bold]  opset {g.opset}, {len(g.nodes):,} nodes, inputs: {inputs}"
+        Text.assemble((literal(str(g.path)), "bold"), f"  opset {g.opset}, {len(g.nodes):,} nodes")
+        + Text(literal(f", inputs: {inputs}"))
     )
     console.print(totals_table("Totals", [("model", a.totals)], a.devices))
     console.print(top_table(a.costs, a.devices, top))
@@ -141,10 +156,15 @@ def print_mask(
 
 
 def print_verification(console: Console, v: Verification) -> None:
-    status = "[green]passed[/green]" if v.ok else "[red]FAILED[/red]"
+    status = ("passed", "green") if v.ok else ("FAILED", "red")
     console.print(
-        f"verification {status}: {v.tensors} tensors compared, max deviation {v.max_abs:.3g} "
-        f"(relative {v.max_rel:.3g} at `{v.worst}`)"
+        Text.assemble("verification ", status)
+        + Text(
+            literal(
+                f": {v.tensors} tensors compared, max deviation {v.max_abs:.3g} "
+                f"(relative {v.max_rel:.3g} at `{v.worst}`)"
+            )
+        )
     )
     for f in v.failures[:10]:
         console.print(f"  {f}")
