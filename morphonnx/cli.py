@@ -104,9 +104,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _analysis(args: argparse.Namespace) -> Any:
     from morphonnx.analysis import analyze
-    from morphonnx.devices import resolve_device
+    from morphonnx.devices import resolve_devices
 
-    devices = [resolve_device(d) for d in (args.device or DEFAULT_DEVICES)]
+    devices = resolve_devices(args.device or DEFAULT_DEVICES)
     a = analyze(args.model, batch=args.batch, input_shapes=dict(args.input_shape), devices=devices)
     if args.batch != 1 and not a.graph.batch_used:
         print(
@@ -178,7 +178,7 @@ def cmd_spec(args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_mask(args: argparse.Namespace, console: Any) -> None:
-    from morphonnx.formats import write_json
+    from morphonnx.formats import write_bytes, write_json
     from morphonnx.mask import auto_threshold, group_values, make_mask
     from morphonnx.report import plot_values, print_mask
     from morphonnx.spec import read_spec
@@ -190,7 +190,7 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     _check_outputs(args, args.output, args.plot)
     a = _analysis(args)
     spec = read_spec(args.spec, a.fingerprint)
-    values = group_values(a, spec, args.kind, args.l1_fraction)
+    values = group_values(a, spec, args.kind, args.l1_fraction, args.spec)
     if not values:
         raise MorphonnxError(f"{args.spec}: no prunable group has a regularization source")
     if args.auto:
@@ -207,11 +207,12 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
         )
     _, predicted = a.predict(result.keep)
     print_mask(console, a, result.keep, predicted, result.rescued)
-    if args.plot:
-        plot_values(values, threshold, args.plot)
-        console.print(f"wrote {args.plot}")
+    image = plot_values(values, threshold, args.plot) if args.plot else None
     write_json(args.output, result.document(a.fingerprint, args.kind))
     console.print(f"wrote {args.output}")
+    if args.plot and image is not None:  # last: a mask that fails leaves no plot behind
+        write_bytes(args.plot, image)
+        console.print(f"wrote {args.plot}")
 
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:

@@ -116,6 +116,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:  # on disk before it takes the name (a crash, a power cut)
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         check_output(target)  # still free or a regular file: something may have appeared
         os.replace(tmp, target)
@@ -134,12 +136,12 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    text = json.dumps(data, indent=1) + "\n"
+    """Strict JSON (``allow_nan=False``: a NaN or infinity is a bug upstream, not a value)."""
+    write_bytes(path, (json.dumps(data, indent=1, allow_nan=False) + "\n").encode())
 
-    def write(p: Path) -> None:
-        p.write_text(text)
 
-    atomic_write(path, write)
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, Any]:
@@ -148,9 +150,13 @@ def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, A
     if not p.is_file():
         raise MorphonnxError(f"{p}: file not found")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_bytes())
+    except OSError as exc:
+        raise MorphonnxError(f"{p}: cannot read file ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MorphonnxError(f"{p}: not valid JSON ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise MorphonnxError(f"{p}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != expected_format:
         raise MorphonnxError(f"{p}: not a {expected_format} file (format field missing or wrong)")
     if data.get("version") != VERSION:

@@ -11,6 +11,7 @@ Three concerns live here and nowhere else:
 
 from __future__ import annotations
 
+import heapq
 import math
 import operator
 import os
@@ -146,6 +147,8 @@ def check_external_data(model: onnx.ModelProto, p: Path) -> None:
         entries = {e.key: e.value for e in t.external_data}
         loc = entries.get("location", "")
         where = f"{p}: external data of tensor '{t.name}' at '{loc}'"
+        if "\x00" in loc:
+            raise MorphonnxError(f"{where} is not a valid file name")
         if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
             raise MorphonnxError(f"{where} points outside the model's folder")
         target = (base / loc).resolve()
@@ -160,8 +163,13 @@ def check_external_data(model: onnx.ModelProto, p: Path) -> None:
         if offset < 0 or length < 0:
             raise MorphonnxError(f"{where} has an invalid offset or length")
         dtype = _np_dtype(t.data_type)
-        if not length and dtype is not None and t.data_type not in _PACKED_OR_VARIABLE:
-            length = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+        if dtype is not None and t.data_type not in _PACKED_OR_VARIABLE:
+            need = math.prod(t.dims) * dtype.itemsize
+            if length and length != need:
+                raise MorphonnxError(
+                    f"{where} has length {length}, its shape {list(t.dims)} needs {need}"
+                )
+            length = need
         if offset + length > target.stat().st_size:
             raise MorphonnxError(f"{where} is shorter than the tensor (truncated file?)")
 
@@ -272,8 +280,9 @@ def make_nodes(model: onnx.ModelProto) -> list[Node]:
 
 
 def topological(nodes: list[Node], model: onnx.ModelProto) -> list[Node]:
-    """Graph order when it is already topological (the common case); otherwise a stable sort of
-    the op graph in networkx (nodes in a cycle go last, where ``check_references`` reports them)."""
+    """Graph order when it is already topological (the common case); otherwise a stable
+    topological sort (Kahn's, lowest index first), in linear time. Nodes in a cycle, or after
+    one, go last, where ``check_references`` reports the cycle."""
     available = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
     available.add("")
     done = set(available)
@@ -283,25 +292,51 @@ def topological(nodes: list[Node], model: onnx.ModelProto) -> list[Node]:
         done.update(n.outputs)
     else:
         return nodes
-    import networkx
-
-    producer = {out: n.index for n in nodes for out in n.outputs if out}
-    g = networkx.DiGraph()
-    g.add_nodes_from(n.index for n in nodes)
-    g.add_edges_from(
-        (producer[t], n.index) for n in nodes for t in n.inputs + n.implicit_inputs if t in producer
-    )
-    try:
-        order = list(networkx.lexicographical_topological_sort(g))
-    except networkx.NetworkXUnfeasible:
-        cyclic = {i for c in networkx.simple_cycles(g) for i in c}
-        acyclic = g.subgraph(
-            i for i in g if i not in cyclic and not (networkx.ancestors(g, i) & cyclic)
-        )
-        order = list(networkx.lexicographical_topological_sort(acyclic))
-        order += sorted(set(g) - set(order))
+    successors = _successors(nodes)
+    waiting = {n.index: 0 for n in nodes}
+    for targets in successors.values():
+        for j in targets:
+            waiting[j] += 1
+    ready = [i for i, k in waiting.items() if k == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in successors.get(i, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    placed = set(order)
+    order += sorted(i for i in waiting if i not in placed)
     by_index = {n.index: n for n in nodes}
     return [by_index[i] for i in order]
+
+
+def _successors(nodes: list[Node]) -> dict[int, list[int]]:
+    """Node index -> indices of the nodes reading its outputs (each edge once)."""
+    producer = {out: n.index for n in nodes for out in n.outputs if out}
+    edges: dict[int, list[int]] = {}
+    for n in nodes:
+        for src in dict.fromkeys(
+            producer[t] for t in n.inputs + n.implicit_inputs if t in producer
+        ):
+            edges.setdefault(src, []).append(n.index)
+    return edges
+
+
+def _one_cycle(nodes: list[Node]) -> list[Node]:
+    """One cycle among ``nodes`` (depth-first, linear time; never every cycle, whose number
+    grows exponentially with a dense graph), in the order its edges run."""
+    import networkx
+
+    g = networkx.DiGraph()
+    g.add_edges_from((i, j) for i, targets in _successors(nodes).items() for j in targets)
+    by_index = {n.index: n for n in nodes}
+    try:
+        return [by_index[i] for i, _ in networkx.find_cycle(g)]
+    except networkx.NetworkXNoCycle:
+        return []
 
 
 def check_references(p: Path, model: onnx.ModelProto, nodes: list[Node]) -> None:
@@ -320,10 +355,9 @@ def check_references(p: Path, model: onnx.ModelProto, nodes: list[Node]) -> None
     for n in nodes:  # topological() sorted all it could: a late read now means a cycle
         late = next((t for t in n.inputs + n.implicit_inputs if t not in done), None)
         if late is not None:
-            raise MorphonnxError(
-                f"{p}: the graph has a cycle: node '{n.name}' reads tensor '{late}', "
-                "which depends on the node's own output"
-            )
+            cycle = [m.name for m in _one_cycle(nodes)]
+            shown = " -> ".join(cycle[:5] + (["..."] if len(cycle) > 5 else []) + cycle[:1])
+            raise MorphonnxError(f"{p}: the graph has a cycle: {shown}")
         done.update(n.outputs)
     for o in model.graph.output:
         if o.name not in known:
@@ -395,14 +429,30 @@ def _check_tensor(path: Path | None, t: onnx.TensorProto, stored: int) -> np.dty
         raise MorphonnxError(f"{path}: initializer '{t.name}' has unknown data type {t.data_type}")
     if any(d < 0 for d in t.dims):
         raise MorphonnxError(f"{path}: initializer '{t.name}' has negative dims {list(t.dims)}")
-    if stored and t.data_type not in _PACKED_OR_VARIABLE:
-        need = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
-        if stored != need:
+    if t.data_type in _PACKED_OR_VARIABLE or t.data_location == onnx.TensorProto.EXTERNAL:
+        return dtype  # external data is checked against its file in check_external_data
+    need = math.prod(t.dims)
+    if stored:
+        if stored != need * dtype.itemsize:
             raise MorphonnxError(
                 f"{path}: initializer '{t.name}' holds {stored} bytes, its shape "
-                f"{list(t.dims)} needs {need} (corrupt file?)"
+                f"{list(t.dims)} needs {need * dtype.itemsize} (corrupt file?)"
             )
+    elif typed_count(t) != need:  # also a huge declared shape with no data at all
+        raise MorphonnxError(
+            f"{path}: initializer '{t.name}' holds {typed_count(t)} values, its shape "
+            f"{list(t.dims)} needs {need} (corrupt file?)"
+        )
     return dtype
+
+
+def typed_count(t: onnx.TensorProto) -> int:
+    """How many elements ``t`` stores in its typed fields (``float_data``, ``int32_data``, ...,
+    where float16, int8 and bool values take one int32 each and complex values two floats)."""
+    fields = (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data)
+    stored = sum(len(f) for f in fields)
+    complex_types = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+    return stored // 2 if t.data_type in complex_types else stored
 
 
 def fold_constants(

@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
+from onnx.external_data_helper import (
+    load_external_data_for_model,
+    load_external_data_for_tensor,
+    set_external_data,
+)
 
 from morphonnx.analysis import Analysis
 from morphonnx.costs import SOURCE_OPS, ShapeOf
@@ -257,6 +261,14 @@ def replace_constants(
     drop_unused(model)
 
 
+def name_nodes(model: onnx.ModelProto, a: Analysis) -> None:
+    """Every node gets the unique name the analysis knows it by (unnamed nodes and repeated
+    names are legal in files onnxruntime refuses to load). Call before nodes are removed."""
+    by_index = sorted(a.graph.nodes, key=lambda n: n.index)
+    for node, proto in zip(by_index, model.graph.node, strict=True):
+        proto.name = node.name
+
+
 def drop_unused(model: onnx.ModelProto) -> None:
     """Remove initializers (and their IR-3 input declarations) that nothing reads any more."""
     g = model.graph
@@ -302,6 +314,7 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
     if not dead.any():
+        name_nodes(a.graph.model, a)
         _restore_weights(a)
         return a.graph.model
     new_shape = a.shrunk_shapes(keep)
@@ -319,9 +332,7 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
         rewrite = rule_for(node.op_type, node.standard).rewrite
         if rewrite is not None:
             REWRITES[rewrite](RewriteContext(node, protos[node.index], model, a, new_shape, kept))
-    for node, proto in zip(sorted(a.graph.nodes, key=lambda n: n.index), protos, strict=True):
-        if not proto.name:
-            proto.name = node.name
+    name_nodes(model, a)
     replace_constants(model, a, values)
     # stale shapes of every tensor that lost channels, constants from Constant / folded nodes too
     changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}
@@ -370,17 +381,11 @@ def save_model(
     def write(tmp: Path) -> None:
         if data is not None:
             try:
-                onnx.save_model(
-                    model,
-                    str(tmp),
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=data.name,
-                    size_threshold=1024,
-                )
+                _move_weights_out(model, data)
+                onnx.save_model(model, str(tmp))
             finally:
-                # onnx moves the weights out of the proto into the data file: bring them back, so
-                # the caller's model stays whole (verification, a second save elsewhere)
+                # the weights left the proto for the data file: bring them back, so the
+                # caller's model stays whole (verification, a second save elsewhere)
                 _internalize(model, data.parent)
         else:
             onnx.save_model(model, str(tmp))
@@ -405,6 +410,22 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _move_weights_out(model: onnx.ModelProto, data: Path, threshold: int = 1024) -> None:
+    """Append every initializer of ``threshold`` bytes or more to ``data`` and point it there
+    (``onnx.save_model`` would refuse a data file that already exists, even the empty one
+    :func:`_fresh_data_file` reserved, and checks that name in the working folder)."""
+    with open(data, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        for t in model.graph.initializer:
+            if t.HasField("raw_data") and len(t.raw_data) >= threshold:
+                offset = f.tell()
+                f.write(t.raw_data)
+                set_external_data(t, data.name, offset, len(t.raw_data))
+                t.ClearField("raw_data")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fresh_data_file(target: Path) -> Path:

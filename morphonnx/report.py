@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -170,8 +171,9 @@ def print_verification(console: Console, v: Verification) -> None:
         console.print(f"  {f}")
 
 
-def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> None:
-    """Sorted regularization values (log scale) and their histogram, threshold marked."""
+def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> bytes:
+    """Sorted regularization values (log scale) and their histogram, threshold marked: the image
+    file's bytes, in the format ``path``'s suffix names (written by the caller, after the mask)."""
     try:
         import matplotlib
 
@@ -181,20 +183,26 @@ def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -
         raise MorphonnxError(
             f"{path}: --plot needs matplotlib (pip install morphonnx[plot])"
         ) from None
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.semilogy(np.maximum(allv, 1e-12), ".", markersize=2)
-    left.axhline(max(threshold, 1e-12), color="red", label=f"threshold {threshold:.3g}")
-    left.set_xlabel("channel (sorted)")
-    left.set_ylabel("regularization value")
-    left.legend()
-    logs = np.log10(np.maximum(allv, 1e-12))
-    right.hist(logs, bins=60)
-    right.axvline(np.log10(max(threshold, 1e-12)), color="red")
-    right.set_xlabel("log10(value)")
-    right.set_ylabel("channels")
-    fig.suptitle(f"{len(allv)} channels, {int((allv > threshold).sum())} alive")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise MorphonnxError(f"{path}: cannot plot to .{fmt} files (use .png, .pdf or .svg)")
+        left.semilogy(np.maximum(allv, 1e-12), ".", markersize=2)
+        left.axhline(max(threshold, 1e-12), color="red", label=f"threshold {threshold:.3g}")
+        left.set_xlabel("channel (sorted)")
+        left.set_ylabel("regularization value")
+        left.legend()
+        logs = np.log10(np.maximum(allv, 1e-12))
+        right.hist(logs, bins=60)
+        right.axvline(np.log10(max(threshold, 1e-12)), color="red")
+        right.set_xlabel("log10(value)")
+        right.set_ylabel("channels")
+        fig.suptitle(f"{len(allv)} channels, {int((allv > threshold).sum())} alive")
+        fig.tight_layout()
+        image = io.BytesIO()
+        fig.savefig(image, format=fmt, dpi=100)
+        return image.getvalue()
+    finally:
+        plt.close(fig)
