@@ -399,6 +399,9 @@ def save_model(
         if data is not None:
             data.unlink(missing_ok=True)
         raise
+    if data is not None and not data.stat().st_size:  # every weight was small: none moved
+        data.unlink()
+        data = None
     needed = external_files(source) + ([data] if data is not None else [])
     for old in replaced:
         if not any(_same_file(old, n) for n in needed):
