@@ -141,7 +141,10 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    atomic_write(path, lambda p: p.write_bytes(data))
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+
+    atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, Any]:
