@@ -137,13 +137,22 @@ class Graph:
         return self._values[name]
 
     def materialized_copies(self, changed: Collection[str]) -> list[str]:
-        """Copies of shared per-channel constants that a pruned model stores as initializers of
-        their own: those whose source changes in place (the copy keeps the old values)."""
-        return [
-            name
-            for name, c in self.constants.items()
-            if c.kind == "copy" and c.source in changed and name not in changed
-        ]
+        """Constants that a pruned model stores as initializers of their own because what they
+        are computed from changes while they keep their old values: copies of shared
+        per-channel constants, and folded constants (``b2 = Identity(b1)``, as PyTorch exports
+        equal biases) read by a layer whose channels stay."""
+        moved = set(changed)
+        found = []
+        for name, c in self.constants.items():  # in graph order: folded chains resolve in one pass
+            if c.kind == "copy":
+                sources = [c.source or ""]
+            elif c.kind == "folded":
+                sources = self.by_name[c.node or ""].inputs
+            else:
+                continue
+            if name not in moved and any(t in moved for t in sources):
+                found.append(name)
+        return found
 
     def small_value(self, name: str, limit: int = 4096) -> np.ndarray | None:
         """Values of a small constant (shape vectors, axes, pads), or None when not constant."""

@@ -211,9 +211,12 @@ REWRITES: dict[str, Callable[[RewriteContext], None]] = {
 
 
 def sliced_constants(
-    a: Analysis, dead: np.ndarray, transform: Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+    a: Analysis,
+    dead: np.ndarray,
+    transform: Callable[[np.ndarray, int, np.ndarray, str], np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx)``."""
+    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx,
+    name)``; constants computed from one that changes keep their old values."""
     sol = a.solution
     per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for slot in sol.channels.slots:
@@ -223,12 +226,12 @@ def sliced_constants(
         if len(dead_idx):
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
     for name in a.graph.materialized_copies(per_tensor):
-        per_tensor.setdefault(name, [])  # its source changes: the copy keeps the old values
+        per_tensor.setdefault(name, [])  # its source changes: it keeps the old values
     result = {}
     for name, cuts in per_tensor.items():
         value = a.graph.value(name)
         for axis, dead_idx in cuts:
-            value = transform(value, axis, dead_idx)
+            value = transform(value, axis, dead_idx, name)
         result[name] = value
     return result
 
@@ -318,7 +321,7 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
         _restore_weights(a)
         return a.graph.model
     new_shape = a.shrunk_shapes(keep)
-    values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
+    values = sliced_constants(a, dead, lambda v, axis, idx, _: np.delete(v, idx, axis=axis))
 
     def kept(tensor: str) -> np.ndarray | None:
         axis = sol.channels.axis_of.get(tensor)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from morphonnx.channels import Channels, RuleContext, Slot
+from morphonnx.unverifiable import stop_unverifiable
 
 ChannelRule = Callable[[RuleContext], None]
 
@@ -656,7 +657,8 @@ def build_channels(graph) -> Channels:  # type: ignore[no-untyped-def]
             why = ch.why.get(unknown[0])
             ctx.stop_all(why or f"shape of `{unknown[0]}` unknown at {ctx.where()}")
             continue
-        if all(graph.is_const(t) for t in node.inputs if t) and node.inputs:
+        if node.inputs and all(graph.is_const(t) for t in node.inputs + node.implicit_inputs if t):
+            # (an If/Loop/Scan whose subgraphs read an activation computes no constant)
             ctx.no_channels(f"constant computed at {ctx.where()}")
             continue
         rule.channels(ctx)
@@ -665,4 +667,5 @@ def build_channels(graph) -> Channels:  # type: ignore[no-untyped-def]
         a = ch.axis_of.get(name)
         if a is not None:
             ch.stop(ch.by_key[(name, a)].vars, f"graph output `{name}`")
+    stop_unverifiable(ch)
     return ch

@@ -23,6 +23,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
+from morphonnx.graph import subgraph_outer_inputs
 from morphonnx.prune import name_nodes, replace_constants, sliced_constants, sync_ir3_inputs
 
 RTOL = 1e-4
@@ -34,6 +35,8 @@ NON_EXPANDING = frozenset(
 """Ops that never enlarge an error (|f'| <= 1, or moving data): their outputs may deviate as much
 as their inputs did, measured at the inputs' scale. A saturated Sigmoid, whose outputs are all
 near 0, moves in steps of 2**-24 when its input moves by reassociation noise."""
+DIVISOR_INPUTS = {"BatchNormalization": (4,), "Div": (1,)}
+"""Inputs that divide: where a reference's dead channel would be 0 / 0."""
 TINY = 1e-30
 """Slack for exact zeros and denormals (which runtimes may flush); everything else is relative."""
 """Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
@@ -53,14 +56,24 @@ class Verification:
 
 
 def zeroed_original(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
-    """The original model with every member slice of every dead channel set to zero."""
+    """The original model with every member slice of every dead channel set to zero, except
+    divisors (a batch norm's variance, a ``Div``'s per-channel constant), set to one: a dead
+    channel is then zero, not the NaN of 0 / 0 that the next layer's zeroed weights would spread
+    to every channel (0 * NaN)."""
     dead = a.solution.dead_labels({k: list(v) for k, v in keep.items()})
+    divisors = {
+        n.inputs[i]
+        for n in a.graph.nodes
+        if n.standard
+        for i in DIVISOR_INPUTS.get(n.op_type, ())
+        if i < len(n.inputs) and a.graph.is_const(n.inputs[i])
+    }
 
-    def zero(value: np.ndarray, axis: int, idx: np.ndarray) -> np.ndarray:
+    def zero(value: np.ndarray, axis: int, idx: np.ndarray, name: str) -> np.ndarray:
         value = value.copy()
         index: list[slice | np.ndarray] = [slice(None)] * value.ndim
         index[axis] = idx
-        value[tuple(index)] = 0
+        value[tuple(index)] = 1 if name in divisors else 0
         return value
 
     values = sliced_constants(a, dead, zero)
@@ -100,21 +113,23 @@ def random_feeds(a: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def shape_computations(model: onnx.ModelProto) -> set[str]:
-    """Tensors computed from tensor shapes (Shape, Size and what follows only from them): they
-    legitimately change when channels are removed and are not compared."""
+    """Tensors inside the model computed from tensor shapes (Shape, Size and what follows only
+    from them): they legitimately change when channels are removed and are not compared. Graph
+    outputs are always compared (the rules stop a group whose removal would change one)."""
     consts = {t.name for t in model.graph.initializer}
     derived: set[str] = set()
     for n in model.graph.node:
+        reads = list(n.input) + subgraph_outer_inputs(n)
         if n.op_type in ("Shape", "Size"):
             derived.update(n.output)
         elif n.op_type == "Constant":
             consts.update(n.output)
-        elif n.input and all(t in derived or t in consts or not t for t in n.input):
-            if any(t in derived for t in n.input):
+        elif n.input and all(t in derived or t in consts or not t for t in reads):
+            if any(t in derived for t in reads):
                 derived.update(n.output)
             else:  # computed from constants only (Cast(Concat(Unsqueeze(Constant)))): constant
                 consts.update(n.output)
-    return derived
+    return derived - {o.name for o in model.graph.output}
 
 
 def run_all(
