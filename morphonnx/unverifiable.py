@@ -68,7 +68,8 @@ def _shape_reads_of_outputs(
         for o in n.outputs:
             if o:
                 derived[o] = sources
-    return [(o, s) for o in outputs for s in dict.fromkeys(derived.get(o, []))]
+    found = {(o, s.name): (o, s) for o in outputs for s in derived.get(o, [])}
+    return list(found.values())
 
 
 def _covers(node: Node, axis: int, rank: int) -> bool:

@@ -31,6 +31,7 @@ from hostile_files import (
     with_external_data,
 )
 from onnx import TensorProto
+from onnx_builders import Builder
 
 HALF = {"g0": [k % 2 == 0 for k in range(WIDTH)]}
 ALL: dict[str, list[bool]] = {}  # keeps every weight as it is: still in external data
@@ -403,3 +404,156 @@ def test_12_duplicate_node_names_prune_and_opset_99_fails_quietly(tmp_path: Path
     assert rc == 1
     one_line_error(err, future, "onnxruntime cannot run")
     assert not future_out.exists()
+
+
+# --- 7-10: verdicts ------------------------------------------------------------------------------
+
+
+def _chain(b: Builder, *, bn_eps: float | None = None, div: bool = False) -> tuple[str, str]:
+    """x -> Conv(w1, 16) [-> BN] [-> Div by a per-channel constant] -> Relu -> Conv(w2, 2) -> y;
+    returns (the first conv's output, the tensor the second conv reads)."""
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.conv(x, 3, WIDTH, prefix="c1")
+    h = a
+    if bn_eps is not None:
+        h = b.node(
+            "BatchNormalization",
+            [
+                h,
+                *[b.init(f"bn.{p}", [WIDTH]) for p in ("weight", "bias", "mean")],
+                b.init("bn.var", np.random.default_rng(1).random(WIDTH).astype(np.float32) + 0.5),
+            ],
+            "bn.out",
+            epsilon=bn_eps,
+        )
+    if div:
+        c = b.init(
+            "scale", np.random.default_rng(2).random((1, WIDTH, 1, 1)).astype(np.float32) + 1
+        )
+        h = b.node("Div", [h, c], "div.out")
+    r = b.relu(h)
+    b.output(b.conv(r, WIDTH, 2, k=1, prefix="c2"))
+    return a, r
+
+
+def _groups(path: Path) -> dict[str, tuple[str, int, bool, str | None]]:
+    """Producer weight -> (group id, channels, prunable, reason)."""
+    from morphonnx.analysis import analyze
+
+    found = {}
+    for g in analyze(path).solution.groups:
+        for m in g.members:
+            if m.role == "producer":
+                found[m.tensor] = (g.id, g.channels, g.prunable, g.reason)
+    return found
+
+
+def _save(b: Builder, path: Path) -> Path:
+    onnx.save(b.model(check=False), path)
+    return path
+
+
+def test_7_subgraph_reads_of_a_constant_if_stop_the_group(tmp_path: Path, capsys: object) -> None:
+    """If(constant condition) whose branches read the first conv's output: not a constant."""
+    b = Builder()
+    a, _ = _chain(b)
+    cond = b.init("cond", np.array(True))
+    branches = {}
+    for side in ("then", "else"):
+        out = onnx.helper.make_tensor_value_info(f"{side}_out", TensorProto.FLOAT, None)
+        node = onnx.helper.make_node("Identity", [a], [f"{side}_out"])
+        branches[f"{side}_branch"] = onnx.helper.make_graph([node], side, [], [out])
+    b.node("If", [cond], "z", name="branch", **branches)
+    b.output("z")
+    path = _save(b, tmp_path / "if.onnx")
+    gid, _, prunable, reason = _groups(path)["c1.weight"]
+    assert not prunable and reason is not None and "If" in reason, reason
+    mask = mask_for(path, tmp_path / "mask.json", {gid: [k % 2 == 0 for k in range(WIDTH)]})
+    rc, _, err = run_cli(
+        capsys, "prune", path, "--mask", mask, "-o", tmp_path / "p.onnx", "--no-verify"
+    )
+    assert rc == 1
+    one_line_error(err, mask, "not prunable")
+
+
+@pytest.mark.parametrize("start", [None, 2])
+def test_8_shape_of_a_pruned_tensor_as_graph_output(
+    tmp_path: Path, capsys: object, start: int | None
+) -> None:
+    """Shape(a) as a graph output changes with a's width: the group stops. Shape(a)[2:] (the
+    spatial dims) does not: the group prunes, and that output is compared and equal."""
+    b = Builder()
+    a, _ = _chain(b)
+    b.node("Shape", [a], "s", **({} if start is None else {"start": start}))
+    b.output("s", TensorProto.INT64)
+    path = _save(b, tmp_path / "shape.onnx")
+    gid, _, prunable, reason = _groups(path)["c1.weight"]
+    if start is None:
+        assert not prunable and reason is not None and "shape of `c1.out`" in reason, reason
+        return
+    assert prunable, reason
+    mask = mask_for(path, tmp_path / "mask.json", {gid: [k % 2 == 0 for k in range(WIDTH)]})
+    rc, out, err = run_cli(capsys, "prune", path, "--mask", mask, "-o", tmp_path / "p.onnx")
+    assert rc == 0, err
+    assert "verification passed" in out
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    s = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    assert s.run(["s"], {"x": x})[0].tolist() == [8, 8]
+
+
+def test_8_value_of_a_weight_alone_as_graph_output(tmp_path: Path) -> None:
+    """ReduceSum(gamma) as a graph output: slicing gamma changes it in the pruned model and in
+    the zeroed reference alike, so verification cannot see it; the group stops."""
+    b = Builder()
+    _chain(b, bn_eps=1e-5)
+    b.node("ReduceSum", ["bn.weight"], "gamma_sum", keepdims=0)
+    b.output("gamma_sum")
+    path = _save(b, tmp_path / "gamma.onnx")
+    _, _, prunable, reason = _groups(path)["c1.weight"]
+    assert not prunable and reason is not None and "ReduceSum" in reason, reason
+
+
+@pytest.mark.parametrize("kind", ["bn_epsilon_0", "div_by_constant"])
+def test_9_no_false_failure_where_the_reference_divides_by_zero(
+    tmp_path: Path, capsys: object, kind: str
+) -> None:
+    b = Builder()
+    _chain(b, bn_eps=0.0 if kind == "bn_epsilon_0" else None, div=kind == "div_by_constant")
+    path = _save(b, tmp_path / f"{kind}.onnx")
+    gid, _, prunable, reason = _groups(path)["c1.weight"]
+    assert prunable, reason
+    keep = [k % 2 == 0 for k in range(WIDTH)]
+    mask = mask_for(path, tmp_path / "mask.json", {gid: keep})
+    out = tmp_path / "p.onnx"
+    rc, stdout, err = run_cli(capsys, "prune", path, "--mask", mask, "-o", out)
+    assert rc == 0, err
+    assert "verification passed" in stdout
+    # independently: the pruned model is the original with the dead channels' outputs removed
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert np.isfinite(sess.run(None, {"x": x})[0]).all()
+
+
+def test_10_identity_of_an_equal_bias_prunes_with_any_mask(tmp_path: Path, capsys: object) -> None:
+    """PyTorch writes ``b2 = Identity(b1)`` for equal initializers: each group prunes alone."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    w1 = b.init("w1", [WIDTH, 3, 3, 3])
+    bias = b.init("b1", np.linspace(0.1, 1.0, WIDTH).astype(np.float32))
+    b2 = b.node("Identity", [bias], "b2")
+    h = b.relu(b.node("Conv", [x, w1, bias], "a", pads=[1, 1, 1, 1]))
+    w2 = b.init("w2", [WIDTH, WIDTH, 1, 1])
+    h = b.relu(b.node("Conv", [h, w2, b2], "c"))
+    b.output(b.node("Conv", [h, b.init("w3", [2, WIDTH, 1, 1])], "y"))
+    path = _save(b, tmp_path / "alias.onnx")
+    groups = _groups(path)
+    half = [k % 2 == 0 for k in range(WIDTH)]
+    for producers in (["w1"], ["w2"], ["w1", "w2"]):
+        masks = {groups[p][0]: half for p in producers}
+        assert all(groups[p][2] for p in producers), groups
+        mask = mask_for(path, tmp_path / "mask.json", masks)
+        out = tmp_path / "p.onnx"
+        rc, stdout, err = run_cli(capsys, "prune", path, "--mask", mask, "-o", out)
+        assert rc == 0, (producers, err)
+        assert "verification passed" in stdout
+        onnx.checker.check_model(onnx.load(out), full_check=True)
