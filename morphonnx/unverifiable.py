@@ -6,17 +6,20 @@ all, and each provably depends on the channels removed, so the channels are stop
 
 - a tensor computed at run time from constants only (``ReduceSum(gamma)``, ``Shape(weight)``):
   zeroing or slicing a member constant changes it the same way in both models;
-- a graph output computed from ``Shape`` / ``Size`` of a tensor whose channel axis it covers:
-  shape computations legitimately change inside a pruned model (Reshape targets follow the new
-  widths), but a graph output is what the user gets.
+- a graph output computed from ``Shape`` / ``Size`` of a tensor whose width it provably
+  depends on: shape computations legitimately change inside a pruned model (Reshape targets
+  follow the new widths) and are not compared, but a graph output is what the user gets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from morphonnx.channels import Channels, Slot
-from morphonnx.graph import Node
+from morphonnx.channels import _evaluate as evaluate
+from morphonnx.graph import Node, Shape
 
 
 def stop_unverifiable(ch: Channels) -> None:
@@ -40,13 +43,26 @@ def stop_unverifiable(ch: Channels) -> None:
     for output, shape_node in _shape_reads_of_outputs(graph.nodes, graph.outputs, graph.is_const):
         x = shape_node.inputs[0]
         axis = ch.axis_of.get(x)
-        if axis is None or not _covers(shape_node, axis, len(graph.shape(x) or ())):
+        if axis is None or not _depends_on_width(ch, output, x, axis):
             continue
         ch.stop(
             ch.by_key[(x, axis)].vars,
-            f"graph output `{output}` is computed from the shape of `{x}` "
+            f"graph output `{output}` is computed from the width of `{x}` "
             f"({shape_node.op_type} at node `{shape_node.name}`)",
         )
+
+
+def _depends_on_width(ch: Channels, output: str, x: str, axis: int) -> bool:
+    """Whether ``output``'s value provably changes with the size of ``x``'s channel axis (it is
+    evaluated with that size as it is and changed). Where it cannot be evaluated, verification
+    compares the output instead."""
+
+    def wider(t: str, shape: Shape) -> Shape:
+        return tuple(d + 1 if t == x and i == axis else d for i, d in enumerate(shape))
+
+    exact = evaluate(ch.graph, output, lambda t, shape: shape, {})
+    moved = evaluate(ch.graph, output, wider, {})
+    return exact is not None and moved is not None and not np.array_equal(exact, moved)
 
 
 def _shape_reads_of_outputs(
@@ -70,12 +86,3 @@ def _shape_reads_of_outputs(
                 derived[o] = sources
     found = {(o, s.name): (o, s) for o in outputs for s in derived.get(o, [])}
     return list(found.values())
-
-
-def _covers(node: Node, axis: int, rank: int) -> bool:
-    """Whether a Shape/Size node's value includes dim ``axis``."""
-    if node.op_type == "Size" or rank == 0:
-        return True
-    start, end = node.attr("start", 0), node.attr("end", rank)
-    start, end = (v + rank if v < 0 else v for v in (start, end))
-    return max(0, start) <= axis < min(rank, end)

@@ -489,7 +489,7 @@ def test_8_shape_of_a_pruned_tensor_as_graph_output(
     path = _save(b, tmp_path / "shape.onnx")
     gid, _, prunable, reason = _groups(path)["c1.weight"]
     if start is None:
-        assert not prunable and reason is not None and "shape of `c1.out`" in reason, reason
+        assert not prunable and reason is not None and "width of `c1.out`" in reason, reason
         return
     assert prunable, reason
     mask = mask_for(path, tmp_path / "mask.json", {gid: [k % 2 == 0 for k in range(WIDTH)]})
