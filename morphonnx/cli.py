@@ -210,7 +210,7 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     image = plot_values(values, threshold, args.plot) if args.plot else None
     write_json(args.output, result.document(a.fingerprint, args.kind))
     console.print(f"wrote {args.output}")
-    if args.plot and image is not None:  # last: a mask that fails leaves no plot behind
+    if image is not None:  # last: a mask that fails leaves no plot behind
         write_bytes(args.plot, image)
         console.print(f"wrote {args.plot}")
 
