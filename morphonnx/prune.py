@@ -9,6 +9,7 @@ sizes, Expand shapes) is done by the rewrite each rule names in ``morphonnx.rule
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -394,7 +395,10 @@ def save_model(
             onnx.save_model(model, str(tmp))
         if check is not None:
             check(tmp)
-        replaced.extend(external_files(target))  # read last: the pair this write replaces
+        # read last: the pair this write replaces; only data files named as this function names
+        # them are ours to remove (an old output may name any file in the folder)
+        ours = re.compile(re.escape(target.name) + r"(\.[0-9a-f]{8})?\.data")
+        replaced.extend(f for f in external_files(target) if ours.fullmatch(f.name))
 
     try:
         atomic_write(target, write)
@@ -443,7 +447,7 @@ def _fresh_data_file(target: Path) -> Path:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return path
         except FileExistsError:
-            name = f"{target.name}.{secrets.token_hex(4)}.data"
+            name = f"{target.name}.{secrets.token_hex(4)}.data"  # (the pattern save_model removes)
         except OSError as exc:
             raise MorphonnxError(f"{path}: cannot write ({exc.strerror or exc})") from None
 

@@ -122,6 +122,20 @@ def test_2_replaced_pair_leaves_no_stale_data(tmp_path: Path, capsys: object) ->
     assert onnx.load(out, load_external_data=False).graph.initializer[0].dims[0] == WIDTH // 2
 
 
+def test_2_only_our_own_data_files_are_removed(tmp_path: Path, capsys: object) -> None:
+    """An old output whose external data is some other file of the folder: replacing the
+    output leaves that file alone."""
+    model = conv_chain(tmp_path / "m.onnx")
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    with_external_data(model, out, "precious.txt")
+    before = (out.parent / "precious.txt").read_bytes()
+    mask = mask_for(model, tmp_path / "mask.json", HALF)
+    assert run_cli(capsys, "prune", model, "--mask", mask, "-o", out)[0] == 0
+    assert (out.parent / "precious.txt").read_bytes() == before
+    assert outputs(out).shape == (1, 2, 8, 8)
+
+
 # --- 3. -o never replaces a special file ---------------------------------------------------
 
 
