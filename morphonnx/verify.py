@@ -24,22 +24,13 @@ from onnx.external_data_helper import load_external_data_for_model
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
 from morphonnx.graph import subgraph_outer_inputs
+from morphonnx.ops import op_kind
 from morphonnx.prune import name_nodes, replace_constants, sliced_constants, sync_ir3_inputs
 
 RTOL = 1e-4
-NON_EXPANDING = frozenset(
-    """Relu LeakyRelu Sigmoid HardSigmoid Tanh Softmax Elu Clip Abs Neg Identity Dropout MaxPool
-    AveragePool GlobalAveragePool GlobalMaxPool Resize Upsample Pad Transpose Reshape Flatten
-    Squeeze Unsqueeze Concat Split Slice Gather Max Min""".split()
-)
-"""Ops that never enlarge an error (|f'| <= 1, or moving data): their outputs may deviate as much
-as their inputs did, measured at the inputs' scale. A saturated Sigmoid, whose outputs are all
-near 0, moves in steps of 2**-24 when its input moves by reassociation noise."""
-DIVISOR_INPUTS = {"BatchNormalization": (4,), "Div": (1,)}
-"""Inputs that divide: where a reference's dead channel would be 0 / 0."""
+"""Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
 TINY = 1e-30
 """Slack for exact zeros and denormals (which runtimes may flush); everything else is relative."""
-"""Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
 
 
 @dataclass
@@ -64,8 +55,7 @@ def zeroed_original(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.Mod
     divisors = {
         n.inputs[i]
         for n in a.graph.nodes
-        if n.standard
-        for i in DIVISOR_INPUTS.get(n.op_type, ())
+        for i in op_kind(n).divisors
         if i < len(n.inputs) and a.graph.is_const(n.inputs[i])
     }
 
@@ -230,9 +220,11 @@ def compare(
 
 
 def _input_scale(a: Analysis, name: str, ref: Mapping[str, np.ndarray]) -> float:
-    """The largest magnitude among the computed inputs of a non-expanding op (else 0)."""
+    """The largest magnitude among the computed inputs of a non-expanding op (else 0): its
+    outputs may deviate as much as its inputs did. A saturated Sigmoid, whose outputs are all
+    near 0, moves in steps of 2**-24 when its input moves by reassociation noise."""
     node = a.graph.producer.get(name)
-    if node is None or node.op_type not in NON_EXPANDING:
+    if node is None or op_kind(node).expands:
         return 0.0
     scales = [
         float(np.max(np.abs(ref[t][np.isfinite(ref[t])]), initial=0.0))
