@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-__all__ = ["BUILTIN", "Device", "list_devices", "resolve_device", "resolve_devices"]
+__all__ = [
+    "BUILTIN",
+    "DEFAULT_DEVICES",
+    "Device",
+    "list_devices",
+    "resolve_device",
+    "resolve_devices",
+]
+
+DEFAULT_DEVICES = ("V100",)
+"""Devices costed when none are named (MorphNet's own reference device)."""
 
 _GIGA = 1e9
 
@@ -215,11 +226,12 @@ def _load_profile(path: Path) -> Device:
     )
 
 
-def resolve_devices(specs: list[str]) -> list[Device]:
-    """Several devices; their names must differ (reports and JSON are keyed by name)."""
+def resolve_devices(specs: Sequence[Device | str]) -> list[Device]:
+    """Several devices (objects, names or profile paths); their names must differ (reports and
+    JSON are keyed by name)."""
     devices: list[Device] = []
     for spec in specs:
-        d = resolve_device(spec)
+        d = spec if isinstance(spec, Device) else resolve_device(spec)
         if any(d.name.lower() == e.name.lower() for e in devices):
             raise MorphonnxError(f"{spec}: device {d.name!r} is given twice")
         devices.append(d)

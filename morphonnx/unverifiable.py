@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from morphonnx.channels import Channels, Slot
-from morphonnx.channels import _evaluate as evaluate
-from morphonnx.graph import Node, Shape
+from morphonnx.ir import Node, Shape
+from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
 
 
 def stop_unverifiable(ch: Channels) -> None:
@@ -56,12 +56,21 @@ def _depends_on_width(ch: Channels, output: str, x: str, axis: int) -> bool:
     """Whether ``output``'s value provably changes with the size of ``x``'s channel axis (it is
     evaluated with that size as it is and changed). Where it cannot be evaluated, verification
     compares the output instead."""
+    g = ch.graph
 
-    def wider(t: str, shape: Shape) -> Shape:
-        return tuple(d + 1 if t == x and i == axis else d for i, d in enumerate(shape))
+    def wider(t: str) -> Shape | None:
+        shape = g.shape(t)
+        if t != x or shape is None:
+            return shape
+        return tuple(d + 1 if i == axis else d for i, d in enumerate(shape))
 
-    exact = evaluate(ch.graph, output, lambda t, shape: shape, {})
-    moved = evaluate(ch.graph, output, wider, {})
+    def value(shape_of: Callable[[str], Shape | None]) -> np.ndarray | None:
+        values = ShapeValues(
+            lambda t: g.small_value(t, SHAPE_VALUE_LIMIT), g.producer.get, shape_of
+        )
+        return values.value(output)
+
+    exact, moved = value(g.shape), value(wider)
     return exact is not None and moved is not None and not np.array_equal(exact, moved)
 
 

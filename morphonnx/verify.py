@@ -23,9 +23,9 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
-from morphonnx.graph import subgraph_outer_inputs
 from morphonnx.ops import op_kind
 from morphonnx.prune import name_nodes, replace_constants, sliced_constants, sync_ir3_inputs
+from morphonnx.shapevalue import shape_derived
 
 RTOL = 1e-4
 """Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
@@ -100,26 +100,6 @@ def random_feeds(a: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
         else:
             feeds[info.name] = np.zeros(shape, dtype=dtype)
     return feeds
-
-
-def shape_computations(model: onnx.ModelProto) -> set[str]:
-    """Tensors inside the model computed from tensor shapes (Shape, Size and what follows only
-    from them): they legitimately change when channels are removed and are not compared. Graph
-    outputs are always compared (the rules stop a group whose removal would change one)."""
-    consts = {t.name for t in model.graph.initializer}
-    derived: set[str] = set()
-    for n in model.graph.node:
-        reads = list(n.input) + subgraph_outer_inputs(n)
-        if n.op_type in ("Shape", "Size"):
-            derived.update(n.output)
-        elif n.op_type == "Constant":
-            consts.update(n.output)
-        elif n.input and all(t in derived or t in consts or not t for t in reads):
-            if any(t in derived for t in reads):
-                derived.update(n.output)
-            else:  # computed from constants only (Cast(Concat(Unsqueeze(Constant)))): constant
-                consts.update(n.output)
-    return derived - {o.name for o in model.graph.output}
 
 
 def run_all(
@@ -246,4 +226,7 @@ def verify(
         # a pruned model not saved yet still reads untouched weights from the input's data file
         base = a.graph.path.absolute().parent
         got = run_all(pruned, feeds, folder, "pruned", base_dir=base, shown=a.graph.path)
-    return compare(a, keep, ref, got, shape_computations(reference))
+    # shape computations inside the model follow the new widths; graph outputs are compared
+    # always (build_channels stopped the groups whose removal would change one)
+    skip = shape_derived(reference.graph) - {o.name for o in reference.graph.output}
+    return compare(a, keep, ref, got, skip)
