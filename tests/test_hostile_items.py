@@ -97,12 +97,12 @@ def test_2_interrupted_prune_keeps_the_earlier_pair(
     good = outputs(out)
     before = snapshot(out.parent)
     assert len(before) == 2  # pruned.onnx and its data file
-    import morphonnx.prune
+    import morphonnx.api
 
     def interrupted(path: Path, shown: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(morphonnx.prune, "check_pruned", interrupted)
+    monkeypatch.setattr(morphonnx.api, "check_pruned", interrupted)
     rc, _, _ = run_cli(capsys, "prune", src, "--mask", mask, "-o", out)
     assert rc == 130
     assert snapshot(out.parent) == before
@@ -199,14 +199,14 @@ def test_4_plot_is_written_only_after_the_mask(
 
 SIGTERM_DURING_PRUNE = """
 import os, signal, sys, time
-import morphonnx.prune
+import morphonnx.api
 from morphonnx.cli import main
 
 def check(path, shown):  # the signal arrives while the output is being written
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.5)
 
-morphonnx.prune.check_pruned = check
+morphonnx.api.check_pruned = check
 sys.exit(main(["prune", *sys.argv[1:]]))
 """
 
