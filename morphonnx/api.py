@@ -14,7 +14,7 @@ from typing import Any
 
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.costs import Totals
-from morphonnx.devices import DEFAULT_DEVICES, Device, resolve_device
+from morphonnx.devices import DEFAULT_DEVICES, Device, resolve_devices
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import write_json
 from morphonnx.mask import MaskResult, auto_threshold, check_mask, group_values, load_mask
@@ -37,7 +37,7 @@ def analyze_file(
 ) -> Analysis:
     """Load, solve and cost a model; ``devices`` are :class:`Device` objects, built-in names or
     ``.json`` / ``.toml`` profile paths."""
-    resolved = [d if isinstance(d, Device) else resolve_device(d) for d in devices]
+    resolved = resolve_devices(devices)
     return analyze(path, batch=batch, input_shapes=input_shapes, devices=resolved)
 
 
@@ -67,7 +67,7 @@ def make_mask(
     else:
         doc = read_spec(spec, a.fingerprint)
         origin = str(spec)
-    values = group_values(a, doc, kind, l1_fraction)
+    values = group_values(a, doc, kind, l1_fraction, origin)
     if not values:
         raise MorphonnxError(f"{origin}: no prunable group has a regularization source")
     note = ""

@@ -19,9 +19,14 @@ from typing import Literal
 
 import numpy as np
 
+from morphonnx.errors import MorphonnxError
 from morphonnx.graph import Graph
 from morphonnx.ir import Node, Shape
 from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
+
+MAX_CHANNEL_VARIABLES = 50_000_000
+"""Channel variables of one model: a 70B-parameter language model has about 30 million (every
+channel axis of every activation and weight); the solver needs about 100 bytes per variable."""
 
 Role = Literal["", "producer", "consumer", "gamma", "beta", "stat", "bias", "scale", "const"]
 """What a weight slice is to its channel: ``producer`` (a filter of the layer that makes the
@@ -68,6 +73,7 @@ class Channels:
             return slot
         shape = self.graph.shape(tensor)
         assert shape is not None and 0 <= axis < len(shape) and shape[axis] >= 0
+        self.reserve(tensor, shape[axis])
         slot = Slot(len(self.slots), tensor, axis, shape[axis], self.n_vars, const, role)
         self.n_vars += slot.size
         self.slots.append(slot)
@@ -75,6 +81,15 @@ class Channels:
         if not const:
             self.axis_of[tensor] = axis
         return slot
+
+    def reserve(self, tensor: str, size: int) -> None:
+        """Refuse, before anything is allocated, a model whose channel axes add up to more
+        variables than any real network has (a tiny file may declare a billion channels)."""
+        if self.n_vars + size > MAX_CHANNEL_VARIABLES:
+            raise MorphonnxError(
+                f"{self.graph.path}: `{tensor}` brings the channel count to "
+                f"{self.n_vars + size:,}, over the limit of {MAX_CHANNEL_VARIABLES:,}"
+            )
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
@@ -194,6 +209,7 @@ class RuleContext:
             key = (tensor, axis)
             extra = self.ch.by_key.get(key)
             if extra is None:
+                self.ch.reserve(tensor, self.shape(tensor)[axis])
                 extra = Slot(
                     len(self.ch.slots),
                     tensor,
@@ -213,8 +229,13 @@ class RuleContext:
 
     # --- ties and stops ------------------------------------------------------------------------
     def same(self, a: Slot, b: Slot) -> None:
-        """Channel i of ``a`` is channel i of ``b``."""
-        assert a.size == b.size, (a, b)
+        """Channel i of ``a`` is channel i of ``b``; a model where their counts differ (a conv
+        whose weight disagrees with its input) cannot run, and is refused."""
+        if a.size != b.size:
+            raise MorphonnxError(
+                f"{self.graph.path}: {self.node.op_type} at {self.where()}: `{a.tensor}` has "
+                f"{a.size} channels on axis {a.axis}, `{b.tensor}` has {b.size} on axis {b.axis}"
+            )
         self.ch.tie(a.vars, b.vars)
 
     def tie(self, a: Slot, ia: np.ndarray, b: Slot, ib: np.ndarray) -> None:

@@ -6,13 +6,17 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from morphonnx.devices import DEFAULT_DEVICES
-from morphonnx.errors import MorphonnxError
+from morphonnx.errors import MorphonnxError, literal
 
 
 def _input_shape(text: str) -> tuple[str, list[int]]:
@@ -176,8 +180,8 @@ def _analysis(args: argparse.Namespace) -> Any:
 def _batch_note(args: argparse.Namespace, a: Any) -> None:
     if args.batch != 1 and not a.graph.batch_used:
         print(
-            f"morphonnx: note: --batch {args.batch} changes nothing: {args.model} has no dynamic "
-            "batch dim (use --input-shape to set input shapes)",
+            f"morphonnx: note: --batch {args.batch} changes nothing: {literal(args.model)} has no "
+            "dynamic batch dim (use --input-shape to set input shapes)",
             file=sys.stderr,
         )
 
@@ -192,26 +196,24 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_outputs(args: argparse.Namespace, *outs: str | None) -> None:
-    """Before any work: every output goes to an existing folder, is not a folder itself, and
-    overwrites neither an input of the command (model, spec, mask, device profile) nor another
-    output, so a failed or mistyped command never destroys a file the user still needs."""
+    """Before any work: every output goes to an existing folder, is free or a regular file
+    (``formats.check_output``), and overwrites neither an input of the command (model, spec, mask,
+    device profile) nor another output, so a failed or mistyped command never destroys a file the
+    user still needs."""
+    from morphonnx.formats import check_output
+
     inputs = [("input model", getattr(args, "model", None))]
     inputs += [("spec", getattr(args, "spec", None)), ("mask", getattr(args, "mask", None))]
     inputs += [("device profile", d) for d in getattr(args, "device", None) or []]
-    given = [o for o in outs if o]
+    given = [o for o in outs if o is not None]
     for i, out in enumerate(given):
-        target = Path(out)
+        target = check_output(out)
         for what, name in inputs:
             if name and _same_file(target, Path(name)):
                 raise MorphonnxError(f"{out}: refusing to overwrite the {what}")
         for other in given[:i]:
             if _same_file(target, Path(other)):
                 raise MorphonnxError(f"{out}: the same file is given for two outputs")
-        if target.is_dir():
-            raise MorphonnxError(f"{out}: is a folder, expected a file name")
-        parent = target.parent if str(target.parent) else Path(".")
-        if not parent.is_dir():
-            raise MorphonnxError(f"{out}: folder {parent} does not exist")
 
 
 def cmd_analyze(args: argparse.Namespace, console: Any) -> None:
@@ -250,7 +252,7 @@ def cmd_spec(args: argparse.Namespace, console: Any) -> None:
 
 def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.api import make_mask
-    from morphonnx.formats import write_json
+    from morphonnx.formats import write_bytes, write_json
     from morphonnx.report import plot_values, print_mask
 
     if args.threshold is not None and not math.isfinite(args.threshold):
@@ -271,16 +273,18 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
         console.print(result.note)
     if result.rescued:
         console.print(
-            f"[yellow]threshold {result.threshold:.3g} kills every channel of "
-            f"{', '.join(result.rescued)}: kept the strongest channel of each[/yellow]"
+            f"threshold {result.threshold:.3g} kills every channel of "
+            f"{', '.join(result.rescued)}: kept the strongest channel of each",
+            style="yellow",
         )
     _, predicted = a.predict(result.keep)
     print_mask(console, a, result.keep, predicted, result.rescued)
-    if args.plot:
-        plot_values(result.values, result.threshold, args.plot)
-        console.print(f"wrote {args.plot}")
+    image = plot_values(result.values, result.threshold, args.plot) if args.plot else None
     write_json(args.output, result.document(a.fingerprint, args.kind))
     console.print(f"wrote {args.output}")
+    if image is not None:  # last: a mask that fails leaves no plot behind
+        write_bytes(args.plot, image)
+        console.print(f"wrote {args.plot}")
 
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:
@@ -313,7 +317,7 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
     rows = [("before", a.totals), ("after", report.measured)]
     console.print(totals_table("Before and after", rows, a.devices))
     if not report.as_predicted:
-        console.print("[yellow]note: costs differ from the mask's prediction[/yellow]")
+        console.print("note: costs differ from the mask's prediction", style="yellow")
     if args.structure:
         console.print(f"wrote {args.structure}")
     if args.plot:
@@ -493,23 +497,57 @@ COMMANDS = {
 }
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so every temporary file is removed on the
+    way out (the handlers that remove them catch ``BaseException``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    raise Terminated(signum)
+
+
+@contextmanager
+def _unwind_on_termination() -> Iterator[None]:
+    """SIGTERM / SIGHUP raise :class:`Terminated` while a command runs (main thread only: Python
+    delivers signals there), and the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {k: signal.signal(k, _terminate) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, handler in previous.items():
+            signal.signal(k, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from rich.console import Console
+    from morphonnx.report import LiteralConsole
 
-    console = Console(highlight=False)
+    console = LiteralConsole()
     try:
-        COMMANDS[args.command](args, console)
+        with _unwind_on_termination():
+            COMMANDS[args.command](args, console)
     except MorphonnxError as exc:
-        print(f"morphonnx: error: {exc}", file=sys.stderr)
+        print(f"morphonnx: error: {literal(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("morphonnx: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"morphonnx: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:  # a bug, not bad input: still one line unless debugging
         if os.environ.get("MORPHONNX_DEBUG"):
             raise
-        msg = " ".join(str(exc).split())[:300]
+        msg = literal(" ".join(str(exc).split())[:300])
         print(
             f"morphonnx: internal error: {type(exc).__name__}: {msg} "
             "(set MORPHONNX_DEBUG=1 for a traceback)",

@@ -39,6 +39,7 @@ __all__ = [
     "list_devices",
     "profile_toml",
     "resolve_device",
+    "resolve_devices",
     "roofline_kind",
 ]
 
@@ -208,14 +209,27 @@ def _positive_number(where: str, data: dict[str, Any], key: str) -> float:
     return float(value)
 
 
+RATE_RANGE = (1.0, 1e21)
+"""Plausible per-second rates (FLOP/s, bytes/s): from a microcontroller to far beyond any
+machine. Outside it a latency is 0, infinite or denormal, which no report can use."""
+
+
 def _rate(where: str, data: dict[str, Any], base: str, giga: str) -> float:
     if base in data and giga in data:
         raise MorphonnxError(f"{where}: give only one of {base!r} and {giga!r}")
     if base in data:
-        return _positive_number(where, data, base)
-    if giga in data:
-        return _positive_number(where, data, giga) * _GIGA
-    raise MorphonnxError(f"{where}: missing key {base!r} (or {giga!r})")
+        key, rate = base, _positive_number(where, data, base)
+    elif giga in data:
+        key, rate = giga, _positive_number(where, data, giga) * _GIGA
+    else:
+        raise MorphonnxError(f"{where}: missing key {base!r} (or {giga!r})")
+    low, high = RATE_RANGE
+    if not low <= rate <= high:
+        raise MorphonnxError(
+            f"{where}: {key!r} is {data[key]!r}, outside the plausible range of "
+            f"{low:g} to {high:g} per second"
+        )
+    return rate
 
 
 def _op_peaks(where: str, data: dict[str, Any]) -> tuple[tuple[str, float], ...]:
@@ -268,6 +282,8 @@ def _load_profile(path: Path) -> Device:
         raise MorphonnxError(f"{where}: invalid TOML: {_one_line(str(err))}") from err
     except (OSError, UnicodeDecodeError) as err:
         raise MorphonnxError(f"{where}: cannot read device profile: {_one_line(str(err))}") from err
+    except RecursionError:
+        raise MorphonnxError(f"{where}: device profile nested too deeply") from None
 
     if not isinstance(data, dict):
         raise MorphonnxError(f"{where}: device profile must be an object/table of keys")
@@ -282,6 +298,10 @@ def _load_profile(path: Path) -> Device:
     name = data["name"]
     if not isinstance(name, str) or not name.strip():
         raise MorphonnxError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    if name in BUILTIN:
+        raise MorphonnxError(
+            f"{where}: name {name!r} is a built-in device's; give your profile its own name"
+        )
     peak = _rate(where, data, "peak_flops", "peak_gflops")
     bandwidth = _rate(where, data, "mem_bandwidth", "mem_bandwidth_gbps")
 
@@ -341,6 +361,18 @@ def profile_toml(device: Device) -> str:
         lines += ["", "[peak_gflops_by_op]"]
         lines += [f"{k} = {num(v / _GIGA)}" for k, v in device.op_peaks]
     return "\n".join(lines) + "\n"
+
+
+def resolve_devices(specs: Sequence[Device | str]) -> list[Device]:
+    """Several devices (objects, names or profile paths); their names must differ (reports and
+    JSON are keyed by name)."""
+    devices: list[Device] = []
+    for spec in specs:
+        d = spec if isinstance(spec, Device) else resolve_device(spec)
+        if any(d.name.lower() == e.name.lower() for e in devices):
+            raise MorphonnxError(f"{spec}: device {d.name!r} is given twice")
+        devices.append(d)
+    return devices
 
 
 def resolve_device(spec: str) -> Device:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -75,15 +76,39 @@ def fingerprint(model: onnx.ModelProto) -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only if
-    ``write`` succeeds: a failed command never leaves a half-written or clobbered output."""
+def check_output(path: str | os.PathLike[str]) -> Path:
+    """``path`` as an output: a name in an existing folder that is free or holds a regular file.
+
+    Anything else is refused and never replaced: a folder, a device (``/dev/null``), a FIFO, a
+    socket, or a symbolic link (even to a regular file: replacing the link would silently
+    detach it, writing through it would put the file, and external data, somewhere else)."""
+    if not os.fspath(path):
+        raise MorphonnxError("'': empty output file name")
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise MorphonnxError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    if mode is not None and stat.S_ISLNK(mode):
+        raise MorphonnxError(f"{target}: is a symbolic link; give the path of a regular file")
+    if mode is not None and stat.S_ISDIR(mode):
+        raise MorphonnxError(f"{target}: is a folder, expected a file name")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise MorphonnxError(f"{target}: is not a regular file (device, FIFO or socket)")
     if not parent.is_dir():
         raise MorphonnxError(f"{target}: folder {parent} does not exist")
-    if target.is_dir():
-        raise MorphonnxError(f"{target}: is a folder, expected a file name")
+    return target
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and move it into place only if
+    ``write`` succeeds: a failed command never leaves a half-written or clobbered output, and
+    nothing but a regular file is ever replaced (:func:`check_output`)."""
+    target = check_output(path)
+    parent = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     except OSError as exc:
@@ -91,7 +116,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:  # on disk before it takes the name (a crash, a power cut)
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+        check_output(target)  # still free or a regular file: something may have appeared
         os.replace(tmp, target)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -108,10 +136,13 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    text = json.dumps(data, indent=1) + "\n"
+    """Strict JSON (``allow_nan=False``: a NaN or infinity is a bug upstream, not a value)."""
+    write_bytes(path, (json.dumps(data, indent=1, allow_nan=False) + "\n").encode())
 
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     def write(p: Path) -> None:
-        p.write_text(text)
+        p.write_bytes(data)
 
     atomic_write(path, write)
 
@@ -131,9 +162,13 @@ def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, A
     if not p.is_file():
         raise MorphonnxError(f"{p}: file not found")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_bytes())
+    except OSError as exc:
+        raise MorphonnxError(f"{p}: cannot read file ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MorphonnxError(f"{p}: not valid JSON ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise MorphonnxError(f"{p}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != expected_format:
         raise MorphonnxError(f"{p}: not a {expected_format} file (format field missing or wrong)")
     if data.get("version") != VERSION:

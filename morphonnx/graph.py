@@ -81,21 +81,22 @@ class Graph:
         return self._values[name]
 
     def materialized_copies(self, changed: Collection[str]) -> list[str]:
-        """Constants a pruned model stores as initializers of their own because what they are
-        made from changes in place while they keep their old values: copies of shared per-channel
-        constants, and folded constants (``Identity`` of a weight another layer also reads, as
-        torch exports de-duplicated batch-norm parameters) whose source changes."""
-        result = []
-        for name, c in self.constants.items():
-            if name in changed:
-                continue
-            if c.kind == "copy" and c.source in changed:
-                result.append(name)
+        """Constants that a pruned model stores as initializers of their own because what they
+        are computed from changes while they keep their old values: copies of shared
+        per-channel constants, and folded constants (``b2 = Identity(b1)``, as PyTorch exports
+        equal biases) read by a layer whose channels stay."""
+        moved = set(changed)
+        found = []
+        for name, c in self.constants.items():  # in graph order: folded chains resolve in one pass
+            if c.kind == "copy":
+                sources = [c.source or ""]
             elif c.kind == "folded":
-                producer = self.by_name.get(c.node or "")
-                if producer is not None and any(t in changed for t in producer.inputs):
-                    result.append(name)
-        return result
+                sources = self.by_name[c.node or ""].inputs
+            else:
+                continue
+            if name not in moved and any(t in moved for t in sources):
+                found.append(name)
+        return found
 
     def small_value(self, name: str, limit: int = SMALL_VALUE_LIMIT) -> np.ndarray | None:
         """Values of a small constant (shape vectors, axes, pads), or None when not constant."""

@@ -16,6 +16,7 @@ import numpy as np
 from morphonnx.channels import Channels, Role, RuleContext, Slot
 from morphonnx.graph import Graph
 from morphonnx.ops import op_kind
+from morphonnx.unverifiable import stop_unverifiable
 
 
 def build_channels(graph: Graph) -> Channels:
@@ -34,7 +35,8 @@ def build_channels(graph: Graph) -> Channels:
             why = ch.why.get(unknown[0])
             ctx.stop_all(why or f"shape of `{unknown[0]}` unknown at {ctx.where()}")
             continue
-        if all(graph.is_const(t) for t in node.inputs if t) and node.inputs:
+        if node.inputs and all(graph.is_const(t) for t in node.inputs + node.implicit_inputs if t):
+            # (an If/Loop/Scan whose subgraphs read an activation computes no constant)
             ctx.no_channels(f"constant computed at {ctx.where()}")
             continue
         kind.channels(ctx)
@@ -43,6 +45,7 @@ def build_channels(graph: Graph) -> Channels:
         a = ch.axis_of.get(name)
         if a is not None:
             ch.stop(ch.by_key[(name, a)].vars, f"graph output `{name}`")
+    stop_unverifiable(ch)
     return ch
 
 

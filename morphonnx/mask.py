@@ -45,13 +45,24 @@ class MaskResult:
 
 
 def group_values(
-    a: Analysis, spec: dict[str, Any], kind: str = "gamma", l1_fraction: float = 0.0
+    a: Analysis,
+    spec: dict[str, Any],
+    kind: str = "gamma",
+    l1_fraction: float = 0.0,
+    spec_path: str = "spec",
 ) -> dict[str, np.ndarray]:
     """Regularization vector of every prunable group, read from the model's own weights."""
     values: dict[str, np.ndarray] = {}
+    known = {g.id: g for g in a.solution.groups}
     for g in spec["groups"]:
         if not g["prunable"]:
             continue
+        mine = known.get(g["id"])
+        if mine is None or not mine.prunable or mine.channels != g["channels"]:
+            raise MorphonnxError(
+                f"{spec_path}: group {g['id']} ({g['channels']} channels, prunable) is not a "
+                f"group of {a.graph.path} (was the spec edited?)"
+            )
         reg = g["regularize"]
         names = {s["tensor"] for s in reg["gammas"] + reg["weights"]}
         missing = [n for n in names if not a.graph.is_const(n)]

@@ -9,6 +9,8 @@ sizes, Expand shapes) is done by each op's rewrite in the registry (``morphonnx.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,19 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
+from onnx.external_data_helper import (
+    load_external_data_for_model,
+    load_external_data_for_tensor,
+    set_external_data,
+)
 
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import atomic_write, fingerprint
+from morphonnx.formats import atomic_write, check_output, fingerprint
 from morphonnx.load.files import read_model
 from morphonnx.ops import ShapeOf, op_kind
 from morphonnx.ops.rewrite import RewriteContext
+from morphonnx.protoscan import read_stripped
 from morphonnx.tensors import all_tensors
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -31,9 +38,12 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def sliced_constants(
-    a: Analysis, dead: np.ndarray, transform: Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+    a: Analysis,
+    dead: np.ndarray,
+    transform: Callable[[np.ndarray, int, np.ndarray, str], np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx)``."""
+    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx,
+    name)``; constants computed from one that changes keep their old values."""
     sol = a.solution
     per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for slot in sol.channels.slots:
@@ -43,12 +53,12 @@ def sliced_constants(
         if len(dead_idx):
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
     for name in a.graph.materialized_copies(per_tensor):
-        per_tensor.setdefault(name, [])  # its source changes: the copy keeps the old values
+        per_tensor.setdefault(name, [])  # its source changes: it keeps the old values
     result = {}
     for name, cuts in per_tensor.items():
         value = a.graph.value(name)
         for axis, dead_idx in cuts:
-            value = transform(value, axis, dead_idx)
+            value = transform(value, axis, dead_idx, name)
         result[name] = value
     return result
 
@@ -79,6 +89,14 @@ def replace_constants(
         del model.graph.node[:]
         model.graph.node.extend(keep)
     drop_unused(model)
+
+
+def name_nodes(model: onnx.ModelProto, a: Analysis) -> None:
+    """Every node gets the unique name the analysis knows it by (unnamed nodes and repeated
+    names are legal in files onnxruntime refuses to load). Call before nodes are removed."""
+    by_index = sorted(a.graph.nodes, key=lambda n: n.index)
+    for node, proto in zip(by_index, model.graph.node, strict=True):
+        proto.name = node.name
 
 
 def drop_unused(model: onnx.ModelProto) -> None:
@@ -127,7 +145,7 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     sliced ones are read from the mapped file and only the untouched ones are ever copied."""
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
-    values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
+    values = sliced_constants(a, dead, lambda v, axis, idx, _: np.delete(v, idx, axis=axis))
 
     def kept(tensor: str) -> np.ndarray | None:
         axis = sol.channels.axis_of.get(tensor)
@@ -153,6 +171,7 @@ def rewrite_model(
     if fingerprint(model) != a.fingerprint:
         raise MorphonnxError(f"{a.graph.path}: the file changed since it was analysed")
     if not changed:
+        name_nodes(model, a)
         lazy.restore(model)
         return model
     protos = list(model.graph.node)
@@ -162,9 +181,7 @@ def rewrite_model(
             proto = protos[node.index]
             ctx = RewriteContext(node, proto, model, a.graph, a.solution.channels, new_shape, kept)
             rewrite(ctx)
-    for node, proto in zip(sorted(a.graph.nodes, key=lambda n: n.index), protos, strict=True):
-        if not proto.name:
-            proto.name = node.name
+    name_nodes(model, a)
     replace_constants(model, a, values)
     # stale shapes of every tensor that changed, constants from Constant / folded nodes too
     vis = [v for v in model.graph.value_info if v.name not in changed]
@@ -183,48 +200,115 @@ def save_model(
 ) -> list[Path]:
     """Save atomically, never over the input; big models get external data beside the output.
     ``check(path)`` runs on the written file before it is moved to ``out``: if it raises, nothing
-    is left at ``out`` (nor a data file beside it). Returns the files written."""
-    target = Path(out)
-    if target.exists() and target.resolve() == source.resolve():
+    is left at ``out`` (nor a data file beside it). Returns the files written.
+
+    External data goes to a file created afresh for this write (``OUT.data``, or
+    ``OUT.<random>.data`` when that name is taken), so an earlier output and its data file stay a
+    valid pair until the new ``.onnx`` replaces the old one in one rename; only then is the old
+    output's data file removed, unless the input model reads it. No data file is ever written
+    over, and two commands writing the same output cannot disturb each other's files."""
+    target = check_output(out)
+    if target.exists() and _same_file(target, source):
         raise MorphonnxError(f"{target}: refusing to overwrite the input model")
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD or any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
     )
-
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         load_external_data_for_model(model, str(source.parent))
-
-    data = target.with_name(target.name + ".data")
+    data = _fresh_data_file(target) if external else None
+    replaced: list[Path] = []
 
     def write(tmp: Path) -> None:
-        if external:
-            data.unlink(missing_ok=True)
+        if data is not None:
             try:
-                onnx.save_model(
-                    model,
-                    str(tmp),
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=data.name,
-                    size_threshold=1024,
-                )
+                _move_weights_out(model, data)
+                onnx.save_model(model, str(tmp))
             finally:
-                # onnx moves the weights out of the proto into the data file: bring them back, so
-                # the caller's model stays whole (verification, a second save elsewhere)
+                # the weights left the proto for the data file: bring them back, so the
+                # caller's model stays whole (verification, a second save elsewhere)
                 _internalize(model, data.parent)
         else:
             onnx.save_model(model, str(tmp))
         if check is not None:
             check(tmp)
+        # read last: the pair this write replaces; only data files named as this function names
+        # them are ours to remove (an old output may name any file in the folder)
+        ours = re.compile(re.escape(target.name) + r"(\.[0-9a-f]{8})?\.data")
+        replaced.extend(f for f in external_files(target) if ours.fullmatch(f.name))
 
     try:
         atomic_write(target, write)
     except BaseException:
-        if external:
+        if data is not None:
             data.unlink(missing_ok=True)
         raise
-    return [target, data] if external else [target]
+    if data is not None and not data.stat().st_size:  # every weight was small: none moved
+        data.unlink()
+        data = None
+    needed = external_files(source) + ([data] if data is not None else [])
+    for old in replaced:
+        if not any(_same_file(old, n) for n in needed):
+            old.unlink(missing_ok=True)
+    return [target, data] if data is not None else [target]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _move_weights_out(model: onnx.ModelProto, data: Path, threshold: int = 1024) -> None:
+    """Append every initializer of ``threshold`` bytes or more to ``data`` and point it there
+    (``onnx.save_model`` would refuse a data file that already exists, even the empty one
+    :func:`_fresh_data_file` reserved, and checks that name in the working folder)."""
+    with open(data, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        for t in model.graph.initializer:
+            if t.HasField("raw_data") and len(t.raw_data) >= threshold:
+                offset = f.tell()
+                f.write(t.raw_data)
+                set_external_data(t, data.name, offset, len(t.raw_data))
+                t.ClearField("raw_data")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fresh_data_file(target: Path) -> Path:
+    """A new, empty external-data file beside ``target`` that no other file refers to yet."""
+    name = f"{target.name}.data"
+    while True:
+        path = target.with_name(name)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            name = f"{target.name}.{secrets.token_hex(4)}.data"  # (the pattern save_model removes)
+        except OSError as exc:
+            raise MorphonnxError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def external_files(path: Path) -> list[Path]:
+    """The regular files beside ``path`` that the model there keeps external data in (none if
+    it is missing or unreadable); read without loading any weights."""
+    if not path.is_file():
+        return []
+    try:
+        model, _ = read_stripped(path)
+    except Exception:  # not a model we can read: it refers to nothing we would touch
+        return []
+    found: dict[str, Path] = {}
+    for t in all_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if loc and Path(loc).name == loc and loc not in (".", ".."):
+            candidate = path.with_name(loc)
+            if candidate.is_file() and not candidate.is_symlink():
+                found[loc] = candidate
+    return list(found.values())
 
 
 def _internalize(model: onnx.ModelProto, base_dir: Path) -> None:

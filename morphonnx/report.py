@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from morphonnx.analysis import Analysis, unsupported_ops
 from morphonnx.calibrate import Calibration
 from morphonnx.costs import OpCost, Totals
 from morphonnx.devices import Device
-from morphonnx.plots import pyplot, save
+from morphonnx.errors import MorphonnxError, literal
 from morphonnx.profiling import Profile
 from morphonnx.verify import Verification
+
+
+class LiteralConsole(Console):
+    """A console that prints every string as it is: no rich markup, no emoji codes, control
+    characters escaped. Names and paths come from files and users (``block[conv].weight``, a node
+    called ``[/bold]``, ANSI escapes); colour is given with ``style=`` or :class:`Text` instead."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)  # type: ignore[arg-type]
+
+    def render_str(self, text: str, **kwargs: object) -> Text:  # type: ignore[override]
+        kwargs.update(markup=False, emoji=False)
+        return super().render_str(literal(text), **kwargs)  # type: ignore[arg-type]
 
 
 def si(n: float, unit: str = "") -> str:
@@ -87,7 +103,8 @@ def print_analysis(console: Console, a: Analysis, top: int) -> None:
     g = a.graph
     inputs = ", ".join(f"{n} {list(g.shape(n) or ())}" for n in g.inputs)
     console.print(
-        f"[bold]{g.path}[/bold]  opset {g.opset}, {len(g.nodes):,} nodes, inputs: {inputs}"
+        Text.assemble((literal(str(g.path)), "bold"), f"  opset {g.opset}, {len(g.nodes):,} nodes")
+        + Text(literal(f", inputs: {inputs}"))
     )
     console.print(totals_table("Totals", [("model", a.totals)], a.devices))
     console.print(top_table(a.costs, a.devices, top))
@@ -142,33 +159,55 @@ def print_mask(
 
 
 def print_verification(console: Console, v: Verification) -> None:
-    status = "[green]passed[/green]" if v.ok else "[red]FAILED[/red]"
+    status = ("passed", "green") if v.ok else ("FAILED", "red")
     console.print(
-        f"verification {status}: {v.tensors} tensors compared, max deviation {v.max_abs:.3g} "
-        f"(relative {v.max_rel:.3g} at `{v.worst}`)"
+        Text.assemble("verification ", status)
+        + Text(
+            literal(
+                f": {v.tensors} tensors compared, max deviation {v.max_abs:.3g} "
+                f"(relative {v.max_rel:.3g} at `{v.worst}`)"
+            )
+        )
     )
     for f in v.failures[:10]:
         console.print(f"  {f}")
 
 
-def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> None:
-    """Sorted regularization values (log scale) and their histogram, threshold marked."""
-    plt = pyplot(path)
+def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> bytes:
+    """Sorted regularization values (log scale) and their histogram, threshold marked: the image
+    file's bytes, in the format ``path``'s suffix names (written by the caller, after the mask)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MorphonnxError(
+            f"{path}: --plot needs matplotlib (pip install morphonnx[plot])"
+        ) from None
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     allv = np.sort(np.concatenate([v.reshape(-1) for v in values.values()]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.semilogy(np.maximum(allv, 1e-12), ".", markersize=2)
-    left.axhline(max(threshold, 1e-12), color="red", label=f"threshold {threshold:.3g}")
-    left.set_xlabel("channel (sorted)")
-    left.set_ylabel("regularization value")
-    left.legend()
-    logs = np.log10(np.maximum(allv, 1e-12))
-    right.hist(logs, bins=60)
-    right.axvline(np.log10(max(threshold, 1e-12)), color="red")
-    right.set_xlabel("log10(value)")
-    right.set_ylabel("channels")
-    fig.suptitle(f"{len(allv)} channels, {int((allv > threshold).sum())} alive")
-    fig.tight_layout()
-    save(fig, path)
+    try:
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise MorphonnxError(f"{path}: cannot plot to .{fmt} files (use .png, .pdf or .svg)")
+        left.semilogy(np.maximum(allv, 1e-12), ".", markersize=2)
+        left.axhline(max(threshold, 1e-12), color="red", label=f"threshold {threshold:.3g}")
+        left.set_xlabel("channel (sorted)")
+        left.set_ylabel("regularization value")
+        left.legend()
+        logs = np.log10(np.maximum(allv, 1e-12))
+        right.hist(logs, bins=60)
+        right.axvline(np.log10(max(threshold, 1e-12)), color="red")
+        right.set_xlabel("log10(value)")
+        right.set_ylabel("channels")
+        fig.suptitle(f"{len(allv)} channels, {int((allv > threshold).sum())} alive")
+        fig.tight_layout()
+        image = io.BytesIO()
+        fig.savefig(image, format=fmt, dpi=100)
+        return image.getvalue()
+    finally:
+        plt.close(fig)
 
 
 def print_calibration(console: Console, c: Calibration) -> None:

@@ -19,7 +19,13 @@ import onnx
 from onnx import numpy_helper
 
 from morphonnx.fold import FOLDS, constant_of_shape
-from morphonnx.ir import Node, Shape, constant_node_size, constant_node_value
+from morphonnx.ir import (
+    Node,
+    Shape,
+    constant_node_size,
+    constant_node_value,
+    subgraph_outer_inputs,
+)
 
 SHAPE_VALUE_LIMIT = 64
 """Elements of a shape computation's value, and of the constants it reads (shape vectors,
@@ -142,16 +148,18 @@ def graph_values(
 
 def shape_derived(graph: onnx.GraphProto) -> set[str]:
     """Tensors computed from tensor shapes (``Shape``, ``Size`` and what follows from them and
-    constants only, through any op, in graph order): they change when channels are removed."""
+    constants only, through any op, in graph order; an If/Loop/Scan's subgraph reads count as
+    inputs): they change when channels are removed."""
     consts = {t.name for t in graph.initializer}
     derived: set[str] = set()
     for n in graph.node:
+        reads = list(n.input) + subgraph_outer_inputs(n)
         if n.op_type in SHAPE_OPS:
             derived.update(n.output)
         elif n.op_type == "Constant":
             consts.update(n.output)
-        elif n.input and all(t in derived or t in consts or not t for t in n.input):
-            if any(t in derived for t in n.input):
+        elif n.input and all(t in derived or t in consts or not t for t in reads):
+            if any(t in derived for t in reads):
                 derived.update(n.output)
             else:  # computed from constants only (Cast(Concat(Unsqueeze(Constant)))): constant
                 consts.update(n.output)

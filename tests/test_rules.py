@@ -1333,12 +1333,24 @@ def test_quantize_on_another_axis_stops(tmp_path: Path) -> None:
 
 
 def test_shape_and_size_do_not_stop(tmp_path: Path) -> None:
+    """Shape computations inside the model follow the new widths; graph outputs computed from
+    shapes stop only where their value depends on the width (issue 8)."""
     b = Builder()
     a = stem(b)
-    b.output(b.node("Shape", [a]), dtype=INT64)
-    b.output(b.node("Size", [a]), dtype=INT64)
-    head(b, a)
+    b.output(b.node("Shape", [a], start=2), dtype=INT64)  # spatial dims only
+    b.output(b.node("Gather", [b.node("Shape", [a]), b.ints("zero", [0])]), dtype=INT64)
+    size = b.node("Cast", [b.node("Size", [a])], to=FLOAT)
+    head(b, b.node("Add", [a, b.node("Mul", [size, b.init("tiny", np.zeros(1, np.float32))])]))
     passes(b.solve(tmp_path))
+
+
+@pytest.mark.parametrize("op", ["Shape", "Size"])
+def test_shape_or_size_of_the_width_as_graph_output_stops(tmp_path: Path, op: str) -> None:
+    b = Builder()
+    a = stem(b)
+    b.output(b.node(op, [a]), dtype=INT64)
+    head(b, a)
+    assert_stopped(a_group(b.solve(tmp_path)), "graph output", "width of `a.out`")
 
 
 def test_constant_node_weight_is_member(tmp_path: Path) -> None:

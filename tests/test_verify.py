@@ -104,8 +104,9 @@ def test_zeroed_original_zeroes_exactly_the_dead_slices(tiny: Path) -> None:
     zeroed = zeroed_original(a, keep)
     after = _values(zeroed)
     expected = {k: v.copy() for k, v in before.items()}
-    for name in ("w1", "b1", "bn_s", "bn_b", "bn_m", "bn_v"):  # producer, bias, norm params
+    for name in ("w1", "b1", "bn_s", "bn_b", "bn_m"):  # producer, bias, norm params
         expected[name][[1, 3]] = 0
+    expected["bn_v"][[1, 3]] = 1  # a divisor: the dead channel is 0, not 0 / 0
     expected["w2"][:, [1, 3]] = 0  # consumer: inputs of conv2
     expected["w2"][[0, 4]] = 0  # producer of g2
     expected["k"][:, [0, 4]] = 0  # per-channel constant

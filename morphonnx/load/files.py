@@ -4,6 +4,7 @@ folder or beyond the end of its data file."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def check_external_data(model: onnx.ModelProto, p: Path) -> None:
         entries = {e.key: e.value for e in t.external_data}
         loc = entries.get("location", "")
         where = f"{p}: external data of tensor '{t.name}' at '{loc}'"
+        if "\x00" in loc:
+            raise MorphonnxError(f"{where} is not a valid file name")
         if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
             raise MorphonnxError(f"{where} points outside the model's folder")
         target = (base / loc).resolve()
@@ -70,8 +73,13 @@ def check_external_data(model: onnx.ModelProto, p: Path) -> None:
         if offset < 0 or length < 0:
             raise MorphonnxError(f"{where} has an invalid offset or length")
         dtype = np_dtype(t.data_type)
-        if not length and dtype is not None and t.data_type not in PACKED_OR_VARIABLE:
-            length = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+        if dtype is not None and t.data_type not in PACKED_OR_VARIABLE:
+            need = math.prod(t.dims) * dtype.itemsize
+            if length and length != need:
+                raise MorphonnxError(
+                    f"{where} has length {length}, its shape {list(t.dims)} needs {need}"
+                )
+            length = need
         if offset + length > target.stat().st_size:
             raise MorphonnxError(f"{where} is shorter than the tensor (truncated file?)")
 
@@ -90,11 +98,27 @@ def check_initializer(path: Path | None, t: onnx.TensorProto, stored: int) -> np
         raise MorphonnxError(f"{path}: initializer '{t.name}' has unknown data type {t.data_type}")
     if any(d < 0 for d in t.dims):
         raise MorphonnxError(f"{path}: initializer '{t.name}' has negative dims {list(t.dims)}")
-    if stored and t.data_type not in PACKED_OR_VARIABLE:
-        need = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
-        if stored != need:
+    if t.data_type in PACKED_OR_VARIABLE or t.data_location == onnx.TensorProto.EXTERNAL:
+        return dtype  # external data is checked against its file in check_external_data
+    need = math.prod(t.dims)
+    if stored:
+        if stored != need * dtype.itemsize:
             raise MorphonnxError(
                 f"{path}: initializer '{t.name}' holds {stored} bytes, its shape "
-                f"{list(t.dims)} needs {need} (corrupt file?)"
+                f"{list(t.dims)} needs {need * dtype.itemsize} (corrupt file?)"
             )
+    elif typed_count(t) != need:  # also a huge declared shape with no data at all
+        raise MorphonnxError(
+            f"{path}: initializer '{t.name}' holds {typed_count(t)} values, its shape "
+            f"{list(t.dims)} needs {need} (corrupt file?)"
+        )
     return dtype
+
+
+def typed_count(t: onnx.TensorProto) -> int:
+    """How many elements ``t`` stores in its typed fields (``float_data``, ``int32_data``, ...,
+    where float16, int8 and bool values take one int32 each and complex values two floats)."""
+    fields = (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data)
+    stored = sum(len(f) for f in fields)
+    complex_types = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+    return stored // 2 if t.data_type in complex_types else stored

@@ -74,7 +74,13 @@ _NON_EXPANDING = set(
 KINDS = (
     *(OpKind(op, unary, expands=op not in _NON_EXPANDING) for op in _UNARY),
     *(
-        OpKind(op, elementwise, per_channel=op in _PER_CHANNEL, expands=op not in _NON_EXPANDING)
+        OpKind(
+            op,
+            elementwise,
+            per_channel=op in _PER_CHANNEL,
+            expands=op not in _NON_EXPANDING,
+            divisors=(1,) if op == "Div" else (),
+        )
         for op in _BINARY
     ),
 )

@@ -68,6 +68,9 @@ class OpKind:
     expands: bool = True
     """Can enlarge a deviation of its inputs (False: |f'| <= 1 or moving data); verification
     measures a non-expanding op's outputs at its inputs' scale."""
+    divisors: tuple[int, ...] = ()
+    """Inputs it divides by: in verification's zeroed reference a dead channel's divisor is set
+    to one, so the dead channel is zero rather than the NaN of 0 / 0."""
     shapeless: bool = False
     """The rule reads no shapes (it only stops or names no channels), so it runs even where shape
     inference failed: the user then reads the op's own reason, not "shape unknown"."""

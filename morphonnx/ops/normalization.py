@@ -53,7 +53,7 @@ def mvn(ctx: RuleContext, x: str, a: int) -> None:
 
 
 KINDS = (
-    OpKind("BatchNormalization", normalization, per_channel=True),
+    OpKind("BatchNormalization", normalization, per_channel=True, divisors=(4,)),
     OpKind("InstanceNormalization", normalization, per_channel=True),
     OpKind("LayerNormalization", layer_norm),
     OpKind("LpNormalization", lp_norm),

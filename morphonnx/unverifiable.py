@@ -1,0 +1,97 @@
+"""Stops for channels whose removal would change a value that verification cannot catch.
+
+Verification compares the pruned model with the original whose dead slices are zeroed. Two kinds
+of value differ from the original in *both* (so the comparison passes) or are not compared at
+all, and each provably depends on the channels removed, so the channels are stopped up front:
+
+- a tensor computed at run time from constants only (``ReduceSum(gamma)``, ``Shape(weight)``):
+  zeroing or slicing a member constant changes it the same way in both models;
+- a graph output computed from ``Shape`` / ``Size`` of a tensor whose width it provably
+  depends on: shape computations legitimately change inside a pruned model (Reshape targets
+  follow the new widths) and are not compared, but a graph output is what the user gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from morphonnx.channels import Channels, Slot
+from morphonnx.ir import Node, Shape
+from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
+
+
+def stop_unverifiable(ch: Channels) -> None:
+    graph = ch.graph
+    slots: dict[str, list[Slot]] = {}
+    for slot in ch.slots:
+        slots.setdefault(slot.tensor, []).append(slot)
+    for node in graph.nodes:
+        reads = [t for t in node.inputs + node.implicit_inputs if t]
+        if not reads or not all(graph.is_const(t) for t in reads):
+            continue
+        if all(graph.is_const(o) for o in node.outputs if o):
+            continue  # folded: its outputs are constants prune rewrites
+        for t in dict.fromkeys(reads):
+            for slot in slots.get(t, []):
+                ch.stop(
+                    slot.vars,
+                    f"`{t}` is read by {node.op_type} at node `{node.name}`, which computes a "
+                    "value from constants only that pruning would change",
+                )
+    for output, shape_node in _shape_reads_of_outputs(graph.nodes, graph.outputs, graph.is_const):
+        x = shape_node.inputs[0]
+        axis = ch.axis_of.get(x)
+        if axis is None or not _depends_on_width(ch, output, x, axis):
+            continue
+        ch.stop(
+            ch.by_key[(x, axis)].vars,
+            f"graph output `{output}` is computed from the width of `{x}` "
+            f"({shape_node.op_type} at node `{shape_node.name}`)",
+        )
+
+
+def _depends_on_width(ch: Channels, output: str, x: str, axis: int) -> bool:
+    """Whether ``output``'s value provably changes with the size of ``x``'s channel axis (it is
+    evaluated with that size as it is and changed). Where it cannot be evaluated, verification
+    compares the output instead."""
+    g = ch.graph
+
+    def wider(t: str) -> Shape | None:
+        shape = g.shape(t)
+        if t != x or shape is None:
+            return shape
+        return tuple(d + 1 if i == axis else d for i, d in enumerate(shape))
+
+    def value(shape_of: Callable[[str], Shape | None]) -> np.ndarray | None:
+        values = ShapeValues(
+            lambda t: g.small_value(t, SHAPE_VALUE_LIMIT), g.producer.get, shape_of
+        )
+        return values.value(output)
+
+    exact, moved = value(g.shape), value(wider)
+    return exact is not None and moved is not None and not np.array_equal(exact, moved)
+
+
+def _shape_reads_of_outputs(
+    nodes: Sequence[Node], outputs: Sequence[str], is_const: Callable[[str], bool]
+) -> list[tuple[str, Node]]:
+    """(graph output, Shape/Size node) for every output computed from tensor shapes and
+    constants only, and each Shape/Size node it is computed from."""
+    derived: dict[str, list[Node]] = {}  # tensor -> the Shape/Size nodes it comes from
+    for n in nodes:
+        reads = [t for t in n.inputs + n.implicit_inputs if t]
+        if n.standard and n.op_type in ("Shape", "Size"):
+            sources = [n]
+        elif reads and all(t in derived or is_const(t) for t in reads):
+            sources = [s for t in reads for s in derived.get(t, [])]
+            if not sources:
+                continue
+        else:
+            continue
+        for o in n.outputs:
+            if o:
+                derived[o] = sources
+    found = {(o, s.name): (o, s) for o in outputs for s in derived.get(o, [])}
+    return list(found.values())
