@@ -92,6 +92,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--structure", metavar="OUT.json", help="write alive channels per layer")
+    p.add_argument(
+        "--fold-constants",
+        action="store_true",
+        help="fold each dead channel's constant output (its BN shift or bias) into its consumers",
+    )
+    p.add_argument(
+        "--calibration-data",
+        metavar="INPUTS.npz",
+        help="report the pruned model's deviation from the original on these inputs",
+    )
 
     p = sub.add_parser("devices", help="list built-in device profiles")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -128,6 +138,7 @@ def _check_outputs(args: argparse.Namespace, *outs: str | None) -> None:
     output, so a failed or mistyped command never destroys a file the user still needs."""
     inputs = [("input model", args.model)]
     inputs += [("spec", getattr(args, "spec", None)), ("mask", getattr(args, "mask", None))]
+    inputs += [("calibration data", getattr(args, "calibration_data", None))]
     inputs += [("device profile", d) for d in getattr(args, "device", None) or []]
     given = [o for o in outs if o]
     for i, out in enumerate(given):
@@ -212,32 +223,58 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx import foldconst
     from morphonnx.analysis import Analysis, analyze
     from morphonnx.formats import write_json
     from morphonnx.mask import load_mask
     from morphonnx.prune import check_pruned, prune_model, save_model, structure
-    from morphonnx.report import print_verification, totals_table
-    from morphonnx.verify import verify
+    from morphonnx.report import print_deviation, print_verification, totals_table
+    from morphonnx.verify import random_feeds, verify
 
     _check_outputs(args, args.output, args.structure)
     a = _analysis(args)
     keep = load_mask(a, args.mask)
+    kind = foldconst.mask_kind(args.mask)
+    calibration = (
+        foldconst.read_calibration(args.calibration_data, a) if args.calibration_data else None
+    )
     _, predicted = a.predict(keep)
     layers = structure(a, keep)
+    plan = foldconst.plan_fold(a, keep, kind) if args.fold_constants else None
     pruned = prune_model(a, keep)
+    if plan is not None:
+        foldconst.apply_fold(pruned, plan)
     after: list[Analysis] = []
 
     def check(written: Path) -> None:
         """Runs on the written file before it takes the output's name."""
         check_pruned(written, args.output)
         if not args.no_verify:
-            v = verify(_analysis(args), keep, pruned)
+            fresh = _analysis(args)
+            if plan is None:
+                v = verify(fresh, keep, pruned)
+            else:
+                reference = foldconst.scale_zeroed(fresh, keep, kind)
+                inexact = foldconst.inexact_tensors(fresh, plan)
+                v = verify(fresh, keep, pruned, reference=reference, inexact=inexact)
             print_verification(console, v)
             if not v.ok:
                 raise MorphonnxError(
                     f"{args.output}: pruned model differs from the masked original "
                     f"({v.failures[0]}); nothing written"
                 )
+        if plan is not None or calibration is not None:
+            runs = [("random inputs", random_feeds(a))]
+            if calibration is not None:
+                runs.append((args.calibration_data, calibration))
+            print_deviation(
+                console,
+                plan,
+                [
+                    (what, foldconst.output_deviation(a.graph.path, written, feeds, what))
+                    for what, feeds in runs
+                ],
+            )
         shapes = dict(args.input_shape)
         after.append(analyze(written, batch=args.batch, input_shapes=shapes, devices=a.devices))
         if args.structure:

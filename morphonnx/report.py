@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
@@ -14,6 +15,9 @@ from morphonnx.costs import OpCost, Totals
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
 from morphonnx.verify import Verification
+
+if TYPE_CHECKING:
+    from morphonnx.foldconst import FoldPlan
 
 
 def si(n: float, unit: str = "") -> str:
@@ -148,6 +152,27 @@ def print_verification(console: Console, v: Verification) -> None:
     )
     for f in v.failures[:10]:
         console.print(f"  {f}")
+
+
+def print_deviation(
+    console: Console, plan: FoldPlan | None, runs: list[tuple[str, dict[str, float]]]
+) -> None:
+    """What the folded constants and the channels below threshold (but not zero) change: the
+    pruned model against the original, per graph output, on each set of inputs."""
+    if plan is not None:
+        per_position = sum(plan.static and not c.uniform for c in plan.corrections)
+        console.print(
+            f"folded dead channels' constants into {len(plan.corrections)} layer(s)"
+            + (f", {per_position} as per-position constants (zero padding)" if per_position else "")
+        )
+        for c in plan.inexact:
+            console.print(
+                f"[yellow]  `{c.node}`: dynamic spatial shape, folded the interior value; up to "
+                f"{c.border:.3g} off near borders[/yellow]"
+            )
+    for what, deviation in runs:
+        shown = ", ".join(f"`{k}` {v:.3g}" for k, v in deviation.items())
+        console.print(f"pruned vs original on {what}: max deviation {shown}")
 
 
 def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> None:
