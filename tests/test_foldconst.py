@@ -122,7 +122,7 @@ def conv_bn_relu_conv(tmp: Path, k2: int, shape: list[int | str]) -> tuple[Path,
     return b.save(tmp), {"beta": beta}
 
 
-# --- closed forms ----------------------------------------------------------------------------------
+# --- closed forms ---------------------------------------------------------------------------------
 
 
 def test_1x1_conv_bias_gets_the_dead_channels_share(tmp_path: Path) -> None:
@@ -284,7 +284,7 @@ def test_input_dependent_dead_channel_is_refused(tmp_path: Path) -> None:
         plan_fold(a, {only_group(path, 4): [True, False, True, True]})
 
 
-# --- random graphs ---------------------------------------------------------------------------------
+# --- random graphs --------------------------------------------------------------------------------
 
 
 @settings(max_examples=25, deadline=None, derandomize=True,
@@ -309,7 +309,7 @@ def test_random_graph_fold_equals_the_scale_zeroed_original(
         assert not plan.inexact
 
 
-# --- command line ----------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 
 def test_cli_fold_constants_with_calibration_data(
