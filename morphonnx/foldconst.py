@@ -133,12 +133,16 @@ def _consumers(a: Analysis, dead: np.ndarray) -> list[_Consumer]:
                 continue
             labels = sol.slot_labels(ch.by_key[(x, ch.axis_of[x])])
             dead_here = dead[labels]
-            lost = set(labels[dead_here].tolist()) - out_labels
-            if not lost or node.op_type in SELECTORS:
+            if not dead_here.any():
                 continue
-            gid = group_of.get(min(lost), "?")
+            # a conv may mix a channel into others of its own group (a residual stream): every
+            # mixer is a consumer; elsewhere a dead channel must carry on to the outputs
             mixer = node.op_type in MIXERS and node.standard and node.inputs[0] == x
+            lost = set(labels[dead_here].tolist()) - out_labels
+            if not mixer and (not lost or node.op_type in SELECTORS):
+                continue
             if not mixer or not all(g.is_const(t) for t in node.inputs[1:] if t):
+                gid = group_of.get(min(lost), "?")
                 raise MorphonnxError(
                     f"{g.path}: --fold-constants: dead channels of group {gid} reach "
                     f"`{node.name}` ({node.op_type}), which is not a Conv, ConvTranspose, Gemm or "
@@ -227,7 +231,9 @@ def plan_fold(a: Analysis, keep: Mapping[str, Sequence[bool]], kind: str = "gamm
         xs.append(x)
     corrections = []
     for c, r in zip(consumers, _responses(a, consumers, xs), strict=True):
-        corrections.append(_correction(a, dead, c.node, r))
+        fix = _correction(a, dead, c.node, r)
+        if fix.response.any():  # (a depthwise conv's share stays in dead channels)
+            corrections.append(fix)
     return FoldPlan(corrections, static)
 
 

@@ -219,6 +219,21 @@ def test_residual_add_of_two_dead_channels(tmp_path: Path) -> None:
     np.testing.assert_allclose(inits(out)[node.input[2]], want, rtol=1e-6)
 
 
+def test_conv_inside_its_own_group(tmp_path: Path) -> None:
+    """y = r + bn(conv(r)): the conv reads and writes the same group, and still mixes a dead
+    channel's constant into the kept ones (per position: it is padded)."""
+    b = Builder()
+    x = b.input("x", [1, 3, 5, 5])
+    r = b.relu(bn(b, b.conv(x, 3, 4, 1, prefix="c0", bias=False), np.ones(4), np.ones(4),
+                  prefix="bn0"))  # fmt: skip
+    y = bn(b, b.conv(r, 4, 4, 3, prefix="c1", bias=False), np.ones(4), np.ones(4), prefix="bn1")
+    y = b.relu(b.node("Add", [r, y]))
+    b.output(b.conv(y, 4, 2, 1, prefix="c2"))
+    path = b.save(tmp_path)
+    _, plan = fold_prune(path, {only_group(path, 4): [True, False, True, True]})
+    assert {c.node for c in plan.corrections} == {"c1", "c2"}
+
+
 def test_concat_of_two_groups_and_a_consumer_without_bias(tmp_path: Path) -> None:
     b = Builder()
     x = b.input("x", [1, 3, 4, 4])
