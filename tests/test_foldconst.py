@@ -285,6 +285,38 @@ def test_matmul_consumer_gets_an_add(tmp_path: Path) -> None:
     np.testing.assert_allclose(inits(out)[add.input[1]], want, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "consumer",
+    [
+        {"op": "ConvTranspose", "w": [4, 3, 3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        {"op": "Conv", "w": [6, 2, 3, 3], "group": 2, "pads": [1, 1, 1, 1]},
+        {"op": "Conv", "w": [3, 4, 3, 3], "strides": [2, 2], "pads": [0, 1, 1, 0]},
+        {"op": "Conv", "w": [3, 4, 3, 3], "dilations": [2, 2], "pads": [2, 2, 2, 2]},
+        {"op": "Conv", "w": [3, 4, 2, 2], "auto_pad": "SAME_UPPER"},
+    ],
+    ids=["conv_transpose", "grouped", "strided", "dilated", "same_upper"],
+)
+def test_consumer_kinds_match_the_zeroed_original(tmp_path: Path, consumer: dict) -> None:
+    """Whatever the consumer's padding, stride, dilation or groups, onnxruntime computes its
+    response: the folded model equals the hand-zeroed original."""
+    b = Builder()
+    x = b.input("x", [1, 3, 7, 7])
+    beta = np.array([0.5, 0.7, -0.3, 0.9])
+    y = b.relu(bn(b, b.conv(x, 3, 4, 3, prefix="c1", bias=False), np.ones(4), beta, prefix="bn"))
+    attrs = {k: v for k, v in consumer.items() if k not in ("op", "w")}
+    w = b.init("c2.weight", consumer["w"])
+    b.output(b.node(consumer["op"], [y, w], "out", name="c2", **attrs))
+    path = b.save(tmp_path)
+    (g,) = [g for g in analyze(path).solution.groups if g.prunable]
+    keep = {g.id: [k != 1 for k in range(g.channels)]}  # a grouped conv ties 1 and 3 together
+    (gamma,) = [m for m in g.members if m.tensor == "bn.weight"]
+    out, plan = fold_prune(path, keep)
+    assert [c.node for c in plan.corrections] == ["c2"]
+    feeds = {"x": RNG.standard_normal((1, 3, 7, 7)).astype(np.float32)}
+    ref = zeroed_by_hand(path, {"bn.weight": (0, gamma.positions[1])})
+    np.testing.assert_allclose(ort_run(out, feeds)[0], ort_run(ref, feeds)[0], atol=1e-5)
+
+
 def test_input_dependent_dead_channel_is_refused(tmp_path: Path) -> None:
     """A residual partner without batch norm keeps the channel moving once its gamma is zero:
     there is no constant to fold, and prune says so."""
