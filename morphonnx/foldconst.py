@@ -142,7 +142,7 @@ def _consumers(a: Analysis, dead: np.ndarray) -> list[_Consumer]:
             if not mixer and (not lost or node.op_type in SELECTORS):
                 continue
             if not mixer or not all(g.is_const(t) for t in node.inputs[1:] if t):
-                gid = group_of.get(min(lost), "?")
+                gid = group_of.get(int(labels[dead_here][0]), "?")
                 raise MorphonnxError(
                     f"{g.path}: --fold-constants: dead channels of group {gid} reach "
                     f"`{node.name}` ({node.op_type}), which is not a Conv, ConvTranspose, Gemm or "
@@ -224,10 +224,11 @@ def plan_fold(a: Analysis, keep: Mapping[str, Sequence[bool]], kind: str = "gamm
                 f"`{c.node.name}`) still depend on the input once their regularized parameters "
                 "are zeroed, so there is no constant to fold; prune without --fold-constants"
             )
-        x = np.zeros_like(runs[0][c.x][:1])
+        one = slice(None) if c.axis == 0 else slice(0, 1)  # batch 1: broadcasts to any batch
+        x = np.zeros_like(runs[0][c.x][one])
         index: list[slice | np.ndarray] = [slice(None)] * x.ndim
         index[c.axis] = c.dead_idx
-        x[tuple(index)] = first[:1]
+        x[tuple(index)] = first[one]
         xs.append(x)
     corrections = []
     for c, r in zip(consumers, _responses(a, consumers, xs), strict=True):
