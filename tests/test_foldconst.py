@@ -109,6 +109,13 @@ def only_group(path: Path, channels: int) -> str:
     return gid
 
 
+def write_mask(path: Path, keep: Keep) -> Path:
+    mask = path.with_name("mask.json")
+    doc = {"format": "morphonnx.mask", "version": 1, "groups": keep}
+    mask.write_text(json.dumps({**doc, "model_fingerprint": analyze(path).fingerprint}))
+    return mask
+
+
 def conv_bn_relu_conv(tmp: Path, k2: int, shape: list[int | str]) -> tuple[Path, dict]:
     """x -> conv 3x3 (3->4, no bias) -> BN -> Relu -> conv k2 x k2 (4->5, bias) -> y."""
     b = Builder()
@@ -317,18 +324,25 @@ def test_consumer_kinds_match_the_zeroed_original(tmp_path: Path, consumer: dict
     np.testing.assert_allclose(ort_run(out, feeds)[0], ort_run(ref, feeds)[0], atol=1e-5)
 
 
-def test_input_dependent_dead_channel_is_refused(tmp_path: Path) -> None:
+def test_input_dependent_dead_channel_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A residual partner without batch norm keeps the channel moving once its gamma is zero:
-    there is no constant to fold, and prune says so."""
+    there is no constant to fold, and prune says so in one line and writes nothing."""
     b = Builder()
     x = b.input("x", [1, 3, 4, 4])
     ya = bn(b, b.conv(x, 3, 4, 3, prefix="ca", bias=False), np.ones(4), np.ones(4), prefix="bna")
     y = b.relu(b.node("Add", [ya, b.conv(x, 3, 4, 1, prefix="cb")]))
     b.output(b.conv(y, 4, 2, 1, prefix="c2"))
     path = b.save(tmp_path)
-    a = analyze(path)
+    keep = {only_group(path, 4): [True, False, True, True]}
     with pytest.raises(MorphonnxError, match="still depend on the input"):
-        plan_fold(a, {only_group(path, 4): [True, False, True, True]})
+        plan_fold(analyze(path), keep)
+    mask, out = write_mask(path, keep), tmp_path / "out.onnx"
+    assert main(["prune", str(path), "--mask", str(mask), "-o", str(out), "--fold-constants"])
+    err = capsys.readouterr().err
+    assert "still depend on the input" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 # --- random graphs --------------------------------------------------------------------------------
@@ -363,12 +377,7 @@ def test_cli_fold_constants_with_calibration_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, _ = conv_bn_relu_conv(tmp_path, 3, [1, 3, 6, 6])
-    mask = tmp_path / "mask.json"
-    a = analyze(path)
-    mask.write_text(json.dumps({
-        "format": "morphonnx.mask", "version": 1, "model_fingerprint": a.fingerprint,
-        "groups": {only_group(path, 4): [True, False, True, False]},
-    }))  # fmt: skip
+    mask = write_mask(path, {only_group(path, 4): [True, False, True, False]})
     data = tmp_path / "inputs.npz"
     np.savez(data, x=RNG.standard_normal((4, 3, 6, 6)))  # 4 samples for a batch-1 model, float64
     out = tmp_path / "out.onnx"
