@@ -31,15 +31,10 @@ from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import MASK_FORMAT, read_json
 from morphonnx.graph import Node
+from morphonnx.ops import op_kind
 from morphonnx.prune import drop_unused, sync_ir3_inputs
 from morphonnx.verify import random_feeds, run_all, zeroed_original
 
-MIXERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-"""Consumers whose response to the dead channels is computed and folded."""
-SELECTORS = frozenset({"Shape", "Size", "Slice", "Split", "Gather"})
-"""Ops a dead channel may reach without its value being used: they read only shapes, or drop the
-channels they do not select."""
-BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 TOL = 1e-5
 """Relative tolerance for "the same value" (float reassociation only)."""
 
@@ -55,6 +50,7 @@ class Correction:
     axis: int  # channel axis of ``response``
     response: np.ndarray  # at the analysis shape with batch 1, per position
     interior: np.ndarray  # per output channel: the value away from borders
+    bias_input: int | None  # which input of the consumer holds its bias, if it may have one
     bias: np.ndarray | None  # the consumer's own bias on its kept outputs
 
     @property
@@ -137,9 +133,14 @@ def _consumers(a: Analysis, dead: np.ndarray) -> list[_Consumer]:
                 continue
             # a conv may mix a channel into others of its own group (a residual stream): every
             # mixer is a consumer; elsewhere a dead channel must carry on to the outputs
-            mixer = node.op_type in MIXERS and node.standard and node.inputs[0] == x
+            kind = op_kind(node)
+            mixer = (
+                kind.layer is not None
+                and node.inputs[0] == x
+                and ch.axis_of[x] == _sides(a, node)[0]
+            )
             lost = set(labels[dead_here].tolist()) - out_labels
-            if not mixer and (not lost or node.op_type in SELECTORS):
+            if not mixer and (not lost or kind.drops_channels):
                 continue
             if not mixer or not all(g.is_const(t) for t in node.inputs[1:] if t):
                 gid = group_of.get(int(labels[dead_here][0]), "?")
@@ -166,7 +167,7 @@ def _responses(a: Analysis, consumers: list[_Consumer], xs: list[np.ndarray]) ->
                 names.append("")
                 continue
             value = a.graph.value(t)
-            if j == BIAS_INPUT.get(c.node.op_type):
+            if j == _bias_input(c.node):
                 value = np.zeros_like(value)
             inits.append(numpy_helper.from_array(np.ascontiguousarray(value), f"c{i}_{j}"))
             names.append(f"c{i}_{j}")
@@ -241,20 +242,33 @@ def plan_fold(a: Analysis, keep: Mapping[str, Sequence[bool]], kind: str = "gamm
 def _correction(a: Analysis, dead: np.ndarray, node: Node, response: np.ndarray) -> Correction:
     sol, ch = a.solution, a.solution.channels
     y = node.outputs[0]
-    axis = ch.axis_of.get(y, response.ndim - 1 if node.op_type == "MatMul" else 1)
+    axis = ch.axis_of.get(y, _sides(a, node)[1])
     slot = ch.by_key.get((y, axis))
     kept = sol.kept(slot, dead) if slot is not None else np.arange(response.shape[axis])
     response = np.take(response, kept, axis=axis)
     center = tuple(slice(None) if i == axis else d // 2 for i, d in enumerate(response.shape))
     bias = None
-    b = BIAS_INPUT.get(node.op_type)
+    b = _bias_input(node)
     if b is not None and len(node.inputs) > b and node.inputs[b]:
         bias = a.graph.value(node.inputs[b])
         if bias.ndim and bias.shape[-1] == a.graph.shape(y)[axis] > 1:  # type: ignore[index]
             bias = np.take(bias, kept, axis=-1)
     return Correction(
-        node.name, node.op_type, node.inputs[1], y, axis, response, response[center], bias
+        node.name, node.op_type, node.inputs[1], y, axis, response, response[center], b, bias
     )
+
+
+def _sides(a: Analysis, node: Node) -> tuple[int, int]:
+    """Channel axes of a layer's input 0 and output 0."""
+    layer = op_kind(node).layer
+    assert layer is not None
+    rank = [len(a.graph.shape(t) or ()) for t in (node.inputs[0], node.outputs[0])]
+    return layer.sides(node, rank[0], rank[1])
+
+
+def _bias_input(node: Node) -> int | None:
+    layer = op_kind(node).layer
+    return layer.bias if layer is not None else None
 
 
 def apply_fold(model: onnx.ModelProto, plan: FoldPlan) -> None:
@@ -267,13 +281,13 @@ def apply_fold(model: onnx.ModelProto, plan: FoldPlan) -> None:
         proto = protos[c.node]
         per_position = plan.static and not c.uniform
         beta = next((a.f for a in proto.attribute if a.name == "beta"), 1.0)
-        if not per_position and c.op_type in BIAS_INPUT and beta != 0:
+        if not per_position and c.bias_input is not None and beta != 0:
             value = c.interior / beta + (c.bias if c.bias is not None else 0)
             name = _fresh(model, f"{c.node}__folded_bias")
             model.graph.initializer.append(_tensor(value, c.response.dtype, name))
-            while len(proto.input) <= 2:
+            while len(proto.input) <= c.bias_input:
                 proto.input.append("")
-            proto.input[2] = name
+            proto.input[c.bias_input] = name
             continue
         value = c.response if per_position else c._per_channel(c.interior)
         name = _fresh(model, f"{c.node}__folded")
