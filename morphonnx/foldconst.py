@@ -202,8 +202,7 @@ def dynamic_spatial(a: Analysis) -> bool:
 
 
 def plan_fold(a: Analysis, keep: Mapping[str, Sequence[bool]], kind: str = "gamma") -> FoldPlan:
-    """The correction of every consumer of dead channels, from the original model's values (call
-    it before ``prune_model``, which rewrites the analysis's proto)."""
+    """The correction of every consumer of dead channels, from the original model's values."""
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
     static = not dynamic_spatial(a)
