@@ -11,6 +11,7 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,18 +25,10 @@ from random_graphs import cnn_graphs
 from test_prune import draw_keep
 
 from morphonnx.analysis import analyze
+from morphonnx.api import prune_file
 from morphonnx.cli import main
 from morphonnx.errors import MorphonnxError
-from morphonnx.foldconst import (
-    FoldPlan,
-    apply_fold,
-    inexact_tensors,
-    output_deviation,
-    plan_fold,
-    scale_zeroed,
-)
-from morphonnx.prune import check_pruned, prune_model, save_model
-from morphonnx.verify import verify
+from morphonnx.foldconst import FoldPlan, inexact_tensors, output_deviation, plan_fold
 
 Keep = dict[str, list[bool]]
 RNG = np.random.default_rng(0)
@@ -80,27 +73,16 @@ def zeroed_by_hand(path: Path, slices: Mapping[str, tuple[int, list[int]]]) -> o
     return model
 
 
-def fold_prune(path: Path, keep: Keep, **analyze_args: object) -> tuple[Path, FoldPlan]:
-    """The prune command's steps with the fold; the pruned model must verify layer by layer
-    against the scale-zeroed original (exactly where the fold is exact)."""
+def fold_prune(path: Path, keep: Keep, **analyze_args: Any) -> tuple[Path, FoldPlan]:
+    """``prune_file`` with the fold: it verifies the pruned model layer by layer against the
+    scale-zeroed original (exactly where the fold is exact) and writes nothing otherwise."""
     out = path.with_name("pruned.onnx")
-    a = analyze(path, **analyze_args)  # type: ignore[arg-type]
-    plan = plan_fold(a, keep)
-    pruned = prune_model(a, keep)
-    apply_fold(pruned, plan)
-    save_model(pruned, out, path)
-    check_pruned(out, str(out))
-    fresh = analyze(path, **analyze_args)  # type: ignore[arg-type]
-    v = verify(
-        fresh,
-        keep,
-        pruned,
-        reference=scale_zeroed(fresh, keep),
-        inexact=inexact_tensors(fresh, plan),
-    )
-    assert v.ok, v.failures[:5]
-    assert v.tensors > 0
-    assert set(v.deviations) <= inexact_tensors(fresh, plan)
+    report = prune_file(path, keep, out, fold_constants=True, **analyze_args)
+    v, plan = report.verification, report.fold
+    assert v is not None and plan is not None
+    assert v.ok and v.tensors > 0
+    assert set(v.deviations) <= inexact_tensors(report.analysis, plan)
+    assert [what for what, _ in report.deviation] == ["random inputs"]
     return out, plan
 
 
