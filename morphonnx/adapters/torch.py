@@ -829,7 +829,7 @@ class Regularizer:
 
         import torch
 
-        from morphonnx.analysis import analyze
+        from morphonnx.api import analyze_file
         from morphonnx.foldconst import plan_fold
 
         keep = self._keep(keep)
@@ -841,7 +841,7 @@ class Regularizer:
         with tempfile.TemporaryDirectory(prefix="morphonnx-fold-") as tmp:
             path = os.path.join(tmp, "model.onnx")
             export_onnx(bare, example_inputs, path)
-            a = analyze(path)
+            a = analyze_file(path)
             theirs = {g.id: {m.tensor for m in g.members} for g in a.solution.groups}
             for g in self.spec["groups"]:
                 if g["id"] in keep and theirs.get(g["id"]) != {m["tensor"] for m in g["members"]}:
