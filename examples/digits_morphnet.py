@@ -8,11 +8,13 @@ The model is a small residual CNN with a two-branch concat block. Steps:
 2. for each regularizer strength, train the same architecture from scratch with
    ``task_loss + strength * reg.loss()`` (MorphNet's FLOP cost on batch-norm gammas);
 3. write the mask (``reg.write_mask``), export the trained model and prune the export with
-   ``python -m morphonnx prune`` (which verifies the pruned graph layer by layer);
-4. check the pruned ONNX model (onnxruntime) against the torch model with its dead channels zeroed
-   (``reg.zero_dead_``), atol 1e-4;
-5. stage 2: fine-tune the physically sliced torch model (``reg.slice_model``) a few epochs and
-   evaluate its test accuracy (and check it against the pruned ONNX again).
+   ``python -m morphonnx prune`` (which verifies the pruned graph layer by layer), once plainly and
+   once with ``--fold-constants`` (dead channels' batch-norm shifts folded into the next layers);
+4. check the plainly pruned ONNX model (onnxruntime) against the torch model with its dead
+   channels zeroed (``reg.zero_dead_``), atol 1e-4, and evaluate the folded one;
+5. stage 2: fine-tune the physically sliced torch model (``reg.slice_model`` with
+   ``fold_constants=True``, so it starts from the trained function) a few epochs and evaluate its
+   test accuracy (``slice_model`` without the fold is checked against the pruned ONNX).
 
 Prints a table (strength, FLOPs, % of baseline, test accuracy) and writes ``results.json``,
 ``accuracy_vs_flops.png`` and ``flops_vs_step.png`` to ``--out`` (default ``examples/out/``).
@@ -164,12 +166,12 @@ def run_ort(path: Path, x: torch.Tensor) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
-def prune_cli(model_path: Path, mask_path: Path, out: Path) -> None:
+def prune_cli(model_path: Path, mask_path: Path, out: Path, *extra: str) -> None:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
     cmd = [sys.executable, "-m", "morphonnx", "prune", str(model_path), "--mask", str(mask_path)]
-    r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True, env=env)
+    r = subprocess.run([*cmd, "-o", str(out), *extra], capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"morphonnx prune failed: {r.stderr.strip()}")
 
@@ -227,12 +229,18 @@ def main(argv: list[str] | None = None) -> int:
 
         trained = args.out / f"{tag}.onnx"
         pruned = args.out / f"{tag}.pruned.onnx"
+        folded = args.out / f"{tag}.folded.onnx"
         mask_path = args.out / f"{tag}.mask.json"
         export_onnx(model, example, trained, dynamic_batch=True)
         result = reg.write_mask(mask_path)
         prune_cli(trained, mask_path, pruned)
+        prune_cli(trained, mask_path, folded, "--fold-constants")
         flops = conv_gemm_flops(pruned)
         predicted = reg.cost()
+        folded_acc = float((run_ort(folded, xte).argmax(1) == yte.numpy()).mean()) * 100
+        # stage 2 starts from the trained function: dead channels' constants folded into biases
+        small = reg.slice_model(result, fold_constants=True)
+        sliced_acc = accuracy(small, xte, yte)
 
         # the pruned ONNX model == the torch model with its dead channels zeroed
         reg.zero_dead_(result)
@@ -243,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         if diff_zeroed > 1e-4:
             raise SystemExit(f"{pruned}: differs from the zeroed torch model by {diff_zeroed:.2e}")
 
-        # stage 2: fine-tune the physically smaller model
-        small = reg.slice_model(result)
         with torch.no_grad():
-            diff_sliced = float(np.abs(small.eval()(xte).numpy() - want).max())
+            diff_sliced = float(np.abs(reg.slice_model(result).eval()(xte).numpy() - want).max())
         if diff_sliced > 1e-4:
             raise SystemExit(f"sliced model differs from the zeroed model by {diff_sliced:.2e}")
+
+        # stage 2: fine-tune the physically smaller model
         train(small, data, ft_epochs, 0.01, args.seed + 1)
         ft_acc = accuracy(small, xte, yte)
         export_onnx(small, example, args.out / f"{tag}.finetuned.onnx", dynamic_batch=True)
@@ -261,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 "percent_of_baseline": 100.0 * flops / base_flops,
                 "acc_regularized": reg_acc,
                 "acc_pruned": zeroed_acc,
+                "acc_pruned_folded": folded_acc,
+                "acc_sliced_folded": sliced_acc,
                 "acc_finetuned": ft_acc,
                 "max_abs_diff_onnx_vs_zeroed": diff_zeroed,
                 "max_abs_diff_sliced_vs_zeroed": diff_sliced,
@@ -269,20 +279,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"strength {strength:.0e}: {flops:,} FLOPs ({100.0 * flops / base_flops:.1f}%), "
-            f"accuracy regularized {reg_acc:.2f}% -> pruned {zeroed_acc:.2f}% -> "
-            f"fine-tuned {ft_acc:.2f}%; ONNX vs torch {diff_zeroed:.1e}"
+            f"accuracy regularized {reg_acc:.2f}% -> pruned {zeroed_acc:.2f}%, with the fold "
+            f"{folded_acc:.2f}% (torch slice {sliced_acc:.2f}%) -> fine-tuned {ft_acc:.2f}%; "
+            f"ONNX vs torch {diff_zeroed:.1e}"
         )
 
     elapsed = time.perf_counter() - started
     print()
-    print(f"{'strength':>9} {'FLOPs':>10} {'% base':>7} {'acc %':>7} {'Δacc':>6}")
-    print(f"{'baseline':>9} {base_flops:>10,} {100.0:>7.1f} {base_acc:>7.2f} {0.0:>6.2f}")
+    print(f"{'strength':>9} {'FLOPs':>10} {'% base':>7} {'reg %':>7} {'fold %':>7} {'acc %':>7}")
+    print(f"{'baseline':>9} {base_flops:>10,} {100.0:>7.1f} {'':>7} {'':>7} {base_acc:>7.2f}")
     for r in rows:
         print(
             f"{r['strength']:>9.0e} {int(r['flops']):>10,} {r['percent_of_baseline']:>7.1f} "
-            f"{r['acc_finetuned']:>7.2f} {r['acc_finetuned'] - base_acc:>+6.2f}"
+            f"{r['acc_regularized']:>7.2f} {r['acc_pruned_folded']:>7.2f} "
+            f"{r['acc_finetuned']:>7.2f}"
         )
-    print(f"({elapsed:.0f} s; accuracy after fine-tuning the sliced model, {len(xte)} test images)")
+    print(
+        f"({elapsed:.0f} s; test accuracy of the regularized model, pruned with the fold, and "
+        f"after fine-tuning, {len(xte)} test images)"
+    )
 
     summary = {
         "baseline": {"flops": base_flops, "accuracy": base_acc},
@@ -314,9 +329,10 @@ def plot(
     for r in rows:
         ax.scatter([r["flops"]], [r["acc_finetuned"]], label=f"{r['strength']:.0e} fine-tuned")
         ax.scatter([r["flops"]], [r["acc_pruned"]], marker="x", color="grey")
+        ax.scatter([r["flops"]], [r["acc_pruned_folded"]], marker="+", s=80, color="k")
     ax.set_xlabel("FLOPs (Conv/Gemm, batch 1)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits: accuracy vs FLOPs (x: before fine-tuning)")
+    ax.set_title("digits: accuracy vs FLOPs\n(before fine-tuning: + pruned with fold, x without)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_flops.png", dpi=120)

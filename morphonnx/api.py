@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from morphonnx import foldconst
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.costs import Totals
 from morphonnx.devices import DEFAULT_DEVICES, Device, resolve_devices
@@ -22,7 +23,7 @@ from morphonnx.mask import make_mask as threshold_mask
 from morphonnx.prune import check_pruned, prune_model, save_model
 from morphonnx.prune import structure as layer_structure
 from morphonnx.spec import build_spec, read_spec
-from morphonnx.verify import Verification
+from morphonnx.verify import Verification, random_feeds
 from morphonnx.verify import verify as verify_pruned
 
 PathLike = str | os.PathLike[str]
@@ -81,7 +82,9 @@ def make_mask(
 @dataclass
 class PruneReport:
     """What ``prune_file`` did: the mask applied, costs predicted from the analysis and measured
-    on the written file, the verification (None when skipped) and the files written."""
+    on the written file, the verification (None when skipped), the files written; with
+    ``fold_constants`` the fold, and (also with calibration data) the deviation of each graph
+    output from the original's, per set of inputs."""
 
     analysis: Analysis
     keep: dict[str, list[bool]]
@@ -90,6 +93,8 @@ class PruneReport:
     verification: Verification | None
     structure: dict[str, Any]
     written: list[Path]
+    fold: foldconst.FoldPlan | None = None
+    deviation: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
     @property
     def kept(self) -> dict[str, int]:
@@ -120,11 +125,20 @@ def prune_file(
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     devices: Sequence[Device | str] = DEFAULT_DEVICES,
+    fold_constants: bool = False,
+    kind: str | None = None,
+    calibration: PathLike | None = None,
 ) -> PruneReport:
     """Prune ``model_path`` with ``mask`` (a mask file or ``{group: [alive, ...]}``) and write
     ``output`` (and ``structure``, the kept channels per layer). The written file is checked by
     ``onnx.checker``, verified layer by layer in onnxruntime and analysed again before it takes
-    its name: on any failure nothing is written."""
+    its name: on any failure nothing is written.
+
+    ``fold_constants``: each dead channel's constant output is folded into the layers it reaches
+    (:mod:`morphonnx.foldconst`); the reference is then the original with only the dead channels'
+    regularized parameters zeroed (``kind``: the mask's regularizer, default the mask file's
+    ``kind`` or ``gamma``). ``calibration``: an ``.npz`` of inputs on which the deviation from
+    the original is measured (random inputs are always used with the fold)."""
     shapes = dict(input_shapes or {})
     a = analyze_file(model_path, batch=batch, input_shapes=shapes, devices=devices)
     if isinstance(mask, Mapping):
@@ -132,24 +146,41 @@ def prune_file(
         check_mask(a, "mask", a.fingerprint, keep)
     else:
         keep = load_mask(a, str(mask))
+    if kind is None:
+        kind = "gamma" if isinstance(mask, Mapping) else foldconst.mask_kind(mask)
+    inputs = [("random inputs", random_feeds(a))] if fold_constants else []
+    if calibration is not None:
+        inputs.append((str(calibration), foldconst.read_calibration(calibration, a)))
     _, predicted = a.predict(keep)
     layers = layer_structure(a, keep)
+    fold = foldconst.plan_fold(a, keep, kind) if fold_constants else None
     pruned = prune_model(a, keep)
+    if fold is not None:
+        foldconst.apply_fold(pruned, fold)
     verification: Verification | None = None
     measured: Totals | None = None
+    deviation: list[tuple[str, dict[str, float]]] = []
 
     def check(written: Path) -> None:
         """Runs on the written file before it takes the output's name."""
         nonlocal verification, measured
         check_pruned(written, str(output))
         if verify:
-            verification = verify_pruned(a, keep, pruned)
+            if fold is None:
+                verification = verify_pruned(a, keep, pruned)
+            else:
+                reference = foldconst.scale_zeroed(a, keep, kind)
+                inexact = foldconst.inexact_tensors(a, fold)
+                verification = verify_pruned(a, keep, pruned, reference=reference, inexact=inexact)
             if not verification.ok:
+                what = "masked original" if fold is None else "original with dead scales zeroed"
                 raise VerificationFailed(
-                    f"{output}: pruned model differs from the masked original "
+                    f"{output}: pruned model differs from the {what} "
                     f"({verification.failures[0]}); nothing written",
                     verification,
                 )
+        for name, feeds in inputs:
+            deviation.append((name, foldconst.output_deviation(a.graph.path, written, feeds, name)))
         measured = analyze(written, batch=batch, input_shapes=shapes, devices=a.devices).totals
         if structure is not None:
             write_json(structure, layers)
@@ -166,4 +197,6 @@ def prune_file(
         verification=verification,
         structure=layers,
         written=written,
+        fold=fold,
+        deviation=deviation,
     )

@@ -123,6 +123,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--structure", metavar="OUT.json", help="write alive channels per layer")
     p.add_argument("--plot", metavar="WIDTHS.png", help="plot channels per layer before/after")
+    p.add_argument(
+        "--fold-constants",
+        action="store_true",
+        help="fold each dead channel's constant output (its BN shift or bias) into its consumers",
+    )
+    p.add_argument(
+        "--calibration-data",
+        metavar="INPUTS.npz",
+        help="report the pruned model's deviation from the original on these inputs",
+    )
 
     p = sub.add_parser("expand", help="widen the learned structure back to a cost budget")
     _model_args(p)
@@ -204,6 +214,7 @@ def _check_outputs(args: argparse.Namespace, *outs: str | None) -> None:
 
     inputs = [("input model", getattr(args, "model", None))]
     inputs += [("spec", getattr(args, "spec", None)), ("mask", getattr(args, "mask", None))]
+    inputs += [("calibration data", getattr(args, "calibration_data", None))]
     inputs += [("device profile", d) for d in getattr(args, "device", None) or []]
     given = [o for o in outs if o is not None]
     for i, out in enumerate(given):
@@ -289,7 +300,7 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.api import VerificationFailed, prune_file
-    from morphonnx.report import print_verification, totals_table
+    from morphonnx.report import print_deviation, print_verification, totals_table
 
     _check_outputs(args, args.output, args.structure, args.plot)
     if args.plot:
@@ -306,6 +317,8 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
             batch=args.batch,
             input_shapes=dict(args.input_shape),
             devices=args.device or DEFAULT_DEVICES,
+            fold_constants=args.fold_constants,
+            calibration=args.calibration_data,
         )
     except VerificationFailed as failed:
         print_verification(console, failed.verification)
@@ -314,6 +327,8 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
     _batch_note(args, a)
     if report.verification is not None:
         print_verification(console, report.verification)
+    if report.fold is not None or report.deviation:
+        print_deviation(console, report.fold, report.deviation)
     rows = [("before", a.totals), ("after", report.measured)]
     console.print(totals_table("Before and after", rows, a.devices))
     if not report.as_predicted:

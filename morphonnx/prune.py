@@ -41,15 +41,18 @@ def sliced_constants(
     a: Analysis,
     dead: np.ndarray,
     transform: Callable[[np.ndarray, int, np.ndarray, str], np.ndarray],
+    roles: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """New values of every constant with a dead slice: ``transform(value, axis, dead_idx,
-    name)``; constants computed from one that changes keep their old values."""
+    name)``; constants computed from one that changes keep their old values. With ``roles``,
+    only the weights of those roles, each with its own dead labels."""
     sol = a.solution
     per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for slot in sol.channels.slots:
-        if not slot.const:
+        if not slot.const or (roles is not None and slot.role not in roles):
             continue
-        dead_idx = np.flatnonzero(dead[sol.slot_labels(slot)])
+        dead_of = dead if roles is None else roles[slot.role]
+        dead_idx = np.flatnonzero(dead_of[sol.slot_labels(slot)])
         if len(dead_idx):
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
     for name in a.graph.materialized_copies(per_tensor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
@@ -18,6 +19,9 @@ from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError, literal
 from morphonnx.profiling import Profile
 from morphonnx.verify import Verification
+
+if TYPE_CHECKING:
+    from morphonnx.foldconst import FoldPlan
 
 
 class LiteralConsole(Console):
@@ -171,6 +175,28 @@ def print_verification(console: Console, v: Verification) -> None:
     )
     for f in v.failures[:10]:
         console.print(f"  {f}")
+
+
+def print_deviation(
+    console: Console, plan: FoldPlan | None, runs: list[tuple[str, dict[str, float]]]
+) -> None:
+    """What the folded constants and the channels below threshold (but not zero) change: the
+    pruned model against the original, per graph output, on each set of inputs."""
+    if plan is not None:
+        per_position = sum(plan.static and not c.uniform for c in plan.corrections)
+        console.print(
+            f"folded dead channels' constants into {len(plan.corrections)} layer(s)"
+            + (f", {per_position} as per-position constants (zero padding)" if per_position else "")
+        )
+        for c in plan.inexact:
+            console.print(
+                f"  `{c.node}`: dynamic spatial shape, folded the interior value; up to "
+                f"{c.border:.3g} off near borders",
+                style="yellow",
+            )
+    for what, deviation in runs:
+        shown = ", ".join(f"`{k}` {v:.3g}" for k, v in deviation.items())
+        console.print(f"pruned vs original on {what}: max deviation {shown}")
 
 
 def plot_values(values: Mapping[str, np.ndarray], threshold: float, path: str) -> bytes:

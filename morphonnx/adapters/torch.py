@@ -776,8 +776,18 @@ class Regularizer:
             h.remove()
         self._hooks.clear()
 
-    def slice_model(self, keep: Any = None) -> torch.nn.Module:
+    def slice_model(
+        self, keep: Any = None, fold_constants: bool = False, example_inputs: Any = None
+    ) -> torch.nn.Module:
         """A deep copy of the (unwrapped) model with the dead channels physically removed.
+
+        ``fold_constants``: each dead channel's constant output (its batch-norm shift or bias
+        once its regularized parameters are zero) is added to the biases of the layers it feeds
+        (``morphonnx prune --fold-constants``), so the copy computes what the model computes with
+        only those parameters zeroed. Zero padding makes a conv's share position-dependent near
+        borders: torch layers take any input size, so the interior value is folded and the border
+        deviation is warned about. The current model is exported on ``example_inputs`` (default:
+        random inputs of the spec's shapes) to find the constants.
 
         Covered: Conv1d/2d/3d (incl. grouped and depthwise), ConvTranspose1d/2d/3d (groups=1),
         Linear, BatchNorm1d/2d/3d and SyncBatchNorm. Their weights, biases, running statistics
@@ -815,7 +825,56 @@ class Regularizer:
             touched[path] = module
         for path, module in touched.items():
             _resize(path, module)
+        if fold_constants:
+            self._fold_into_biases(small, keep, example_inputs)
         return small
+
+    def _fold_into_biases(self, small: torch.nn.Module, keep: Any, example_inputs: Any) -> None:
+        """Add each consumer's correction (``morphonnx.foldconst.plan_fold`` on an export of the
+        current model) to the bias of its layer in ``small``."""
+        import tempfile
+
+        import torch
+
+        from morphonnx.api import analyze_file
+        from morphonnx.foldconst import plan_fold
+
+        keep = self._keep(keep)
+        bare = unwrap_model(self.model)
+        if example_inputs is None:
+            device = next(bare.parameters()).device
+            shapes = self.spec["model"].get("inputs", {}).values()
+            example_inputs = tuple(torch.randn(list(s), device=device) for s in shapes)
+        with tempfile.TemporaryDirectory(prefix="morphonnx-fold-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            export_onnx(bare, example_inputs, path)
+            a = analyze_file(path)
+            theirs = {g.id: {m.tensor for m in g.members} for g in a.solution.groups}
+            for g in self.spec["groups"]:
+                if g["id"] in keep and theirs.get(g["id"]) != {m["tensor"] for m in g["members"]}:
+                    raise ValueError(
+                        f"slice_model: an export of the model does not match {self.where} (group "
+                        f"{g['id']}); pass example_inputs like those given to export_spec"
+                    )
+            plan = plan_fold(a, keep, self.kind)
+        border = 0.0
+        for c in plan.corrections:
+            if c.weight not in self._names:
+                raise ValueError(f"slice_model: no layer owns `{c.weight}` to fold a constant into")
+            module = small.get_submodule(self._names[c.weight].rpartition(".")[0])
+            weight = module.weight
+            delta = torch.as_tensor(c.interior, dtype=weight.dtype, device=weight.device)
+            with torch.no_grad():
+                if module.bias is None:
+                    module.bias = torch.nn.Parameter(torch.zeros_like(delta))
+                module.bias.add_(delta)
+            border = max(border, c.border)
+        if border > 0 and not all(c.uniform for c in plan.corrections):
+            warnings.warn(
+                f"slice_model: folded constants are exact away from zero-padded borders only "
+                f"(up to {border:.3g} off there)",
+                stacklevel=3,
+            )
 
 
 def _check_covered(path: str, module: Any) -> None:

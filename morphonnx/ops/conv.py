@@ -94,7 +94,7 @@ def conv_group(ctx: RewriteContext) -> None:
 
 def _conv_kind(op_type: str, rule: ChannelRule, macs: Macs) -> OpKind:
     """Channels on axis 1 of input and output, ``group`` rewritten for depthwise ones."""
-    layer = Layer(macs=macs, sides=lambda node, x_rank, y_rank: (1, 1), grouping=grouping)
+    layer = Layer(macs=macs, sides=lambda node, x_rank, y_rank: (1, 1), grouping=grouping, bias=2)
     return OpKind(op_type, rule, rewrite=conv_group, layer=layer)
 
 

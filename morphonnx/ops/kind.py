@@ -40,13 +40,16 @@ class Grouping:
 
 @dataclass(frozen=True)
 class Layer:
-    """An op with a weight (input 1) whose multiply-accumulates MorphNet counts."""
+    """An op with a weight (input 1) whose multiply-accumulates MorphNet counts; linear in its
+    input 0."""
 
     macs: Macs
     sides: Callable[[Node, int, int], tuple[int, int]]
     """Channel axes of input 0 and of output 0, from their ranks."""
     grouping: Callable[[Node, Shape], Grouping] | None = None
     """How the op splits channels into groups, from its weight's shape (None: it never does)."""
+    bias: int | None = None
+    """The input holding a bias added per output channel (None: the op has none)."""
 
     def depthwise(self, node: Node, weight: Shape) -> bool:
         return self.grouping is not None and self.grouping(node, weight).depthwise
@@ -71,6 +74,10 @@ class OpKind:
     divisors: tuple[int, ...] = ()
     """Inputs it divides by: in verification's zeroed reference a dead channel's divisor is set
     to one, so the dead channel is zero rather than the NaN of 0 / 0."""
+    drops_channels: bool = False
+    """Input channels its outputs do not carry are not read (Shape and Size read only shapes;
+    Slice, Split and Gather drop what they do not select): a dead channel's constant may stop
+    there without being folded anywhere (``prune --fold-constants``)."""
     shapeless: bool = False
     """The rule reads no shapes (it only stops or names no channels), so it runs even where shape
     inference failed: the user then reads the op's own reason, not "shape unknown"."""

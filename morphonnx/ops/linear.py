@@ -59,7 +59,7 @@ def _gemm_sides(node: Node, x_rank: int, y_rank: int) -> tuple[int, int]:
 
 
 KINDS = (
-    OpKind("Gemm", gemm, layer=Layer(macs=_gemm_macs, sides=_gemm_sides)),
+    OpKind("Gemm", gemm, layer=Layer(macs=_gemm_macs, sides=_gemm_sides, bias=2)),
     OpKind(
         "MatMul",
         matmul,

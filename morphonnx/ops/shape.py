@@ -17,8 +17,8 @@ def constant(ctx: RuleContext) -> None:
 
 
 KINDS = (
-    OpKind("Shape", shape_only, shapeless=True),
-    OpKind("Size", shape_only, shapeless=True),
+    OpKind("Shape", shape_only, drops_channels=True, shapeless=True),
+    OpKind("Size", shape_only, drops_channels=True, shapeless=True),
     OpKind("Constant", constant, shapeless=True),
     OpKind("ConstantOfShape", constant, shapeless=True),
 )

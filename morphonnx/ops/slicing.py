@@ -180,8 +180,8 @@ def slice_bounds(ctx: RewriteContext) -> None:
 
 KINDS = (
     OpKind("Concat", concat, expands=False),
-    OpKind("Split", split, rewrite=split_sizes, expands=False),
-    OpKind("Slice", slice_, rewrite=slice_bounds, expands=False),
-    OpKind("Gather", gather, expands=False),
+    OpKind("Split", split, rewrite=split_sizes, expands=False, drops_channels=True),
+    OpKind("Slice", slice_, rewrite=slice_bounds, expands=False, drops_channels=True),
+    OpKind("Gather", gather, expands=False, drops_channels=True),
     OpKind("Pad", pad, expands=False),
 )
