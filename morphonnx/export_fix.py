@@ -57,13 +57,15 @@ def reduplicate(path: str, keys: list[str]) -> None:
 
 
 _COUNTER = re.compile(r"__\d+")
+_SUFFIX = re.compile(r"(_\d+)+(?=(:\d+)?$)")
 
 
 def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with exporter counters (``__17``, process-wide in tf2onnx) removed from every node
-    and tensor name but the graph's inputs and outputs, and from symbolic dimensions (``unk__45``);
-    names that then coincide get ``__1``, ``__2``... in graph order, so two exports of one model
-    get the same names."""
+    """A copy with exporter counters removed from every node and tensor name but the graph's
+    inputs and outputs, and from symbolic dimensions: tf2onnx's process-wide ``__17`` and the
+    ``_1`` suffixes TensorFlow gives name scopes traced more than once (``functional_1_1/
+    conv2d_1/BiasAdd`` becomes ``functional/conv2d/BiasAdd``). Names that then coincide get
+    ``__1``, ``__2``... in graph order, so every export of one model gets the same names."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -73,7 +75,7 @@ def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
 
     def fresh(name: str, table: dict[str, str]) -> str:
         if name not in table:
-            base = _COUNTER.sub("", name)
+            base = "/".join(_SUFFIX.sub("", c) for c in _COUNTER.sub("", name).split("/"))
             used = set(table.values())
             new, k = base, 0
             while new in used:

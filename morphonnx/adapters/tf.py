@@ -115,10 +115,13 @@ def export_onnx(
     a tuple of ``tf.TensorSpec`` (their names name the ONNX inputs). Weight-derived constants are
     named by Keras variable paths (``conv2d/kernel``); see the module docstring for why the
     export runs twice with generic values. The model's weights are restored afterwards."""
+    import keras
     import tf2onnx
 
     from morphonnx.formats import atomic_write
 
+    if isinstance(model, keras.Sequential):  # tf2onnx cannot name a Sequential's outputs
+        model = keras.Model(model.inputs, model.outputs)
     layouts = keras_layouts(model)
     floats = {p: vp for p, vp in layouts.items() if np.dtype(vp[0].dtype).kind == "f"}
     saved = {p: v.numpy() for p, (v, _) in floats.items()}
@@ -400,10 +403,10 @@ class Regularizer:
         if not isinstance(config, dict) or "layers" not in config:
             raise TypeError("slice_model needs a functional or Sequential Keras model")
         for conf in config["layers"]:
-            layer = self.model.get_layer(conf["config"]["name"])
-            resized = _resized(layer, values)
-            if resized:
-                conf["config"].update(resized)
+            if conf.get("class_name") != "InputLayer":
+                conf.pop("build_config", None)  # built again from the (sliced) inputs
+                layer = self.model.get_layer(conf["config"]["name"])
+                conf["config"].update(_resized(layer, values))
         small = type(self.model).from_config(config)
         for layer in self.model.layers:
             new = small.get_layer(layer.name)
