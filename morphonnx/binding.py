@@ -12,6 +12,7 @@ slices of a mask in the framework's layout. The adapter keeps export, tensor ops
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -300,3 +301,78 @@ def export_and_spec(
         spec = build_spec(analyze(path))
     write_json(spec_path, spec)
     return spec
+
+
+class RegularizerBase:
+    """What every adapter's ``Regularizer`` shares: options, spec and binding, masks, mask files
+    and the dead slices of stage 2. An adapter supplies :meth:`_params` (its parameters as
+    :class:`Param`), :meth:`cost_and_loss` and :meth:`_values64` (float64 channel values)."""
+
+    def __init__(
+        self,
+        model: Any,
+        spec: str | os.PathLike[str] | dict[str, Any],
+        kind: str = "gamma",
+        cost: str = "flops",
+        threshold: float = 1e-2,
+        device: Any = None,
+        l1_fraction: float = 0.0,
+        exclude: str | Sequence[str] = (),
+        onnx_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        options = check_options(kind, cost, threshold, device, l1_fraction, exclude)
+        fp = None if onnx_path is None else onnx_fingerprint(onnx_path)
+        loaded, where = load_spec(spec, fp, os.fspath(onnx_path or ""))
+        self.model = model
+        self.binding = Binding(loaded, where, self._params(loaded), options)
+        self.spec, self.where, self.groups = loaded, where, self.binding.groups
+        self.kind, self.cost_kind, self.threshold = kind, cost, options.threshold
+        self.device, self.l1_fraction = options.device, options.l1_fraction
+        self.fingerprint, self.unmapped = self.binding.fingerprint, self.binding.unmapped
+        self.last_cost: float | None = None
+
+    def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
+        raise NotImplementedError
+
+    def _values64(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def cost_and_loss(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def loss(self) -> Any:
+        """MorphNet's differentiable cost loss; add ``strength * reg.loss()`` to the task loss.
+        The cost it saw is kept in ``last_cost`` (for logging without a second pass)."""
+        return self.cost_and_loss()[1]
+
+    def mask(self, threshold: float | None = None) -> Any:
+        """The ``morphonnx.mask.MaskResult`` of the current weights (float64, like ``morphonnx
+        mask``); a group the threshold would empty keeps its strongest channel."""
+        from morphonnx.mask import make_mask
+
+        return make_mask(self._values64(), self.threshold if threshold is None else threshold)
+
+    def write_mask(self, path: str | os.PathLike[str], threshold: float | None = None) -> Any:
+        """Write the mask JSON (``morphonnx prune`` input) with the spec's fingerprint."""
+        from morphonnx.formats import write_json
+
+        result = self.mask(threshold)
+        write_json(path, result.document(self.fingerprint, self.kind))
+        return result
+
+    def _cuts(
+        self, keep: Any, strict: bool
+    ) -> tuple[dict[str, list[bool]], dict[str, dict[int, list[int]]]]:
+        """(the mask, framework name -> framework axis -> dead indices); ``keep`` is a mask dict,
+        ``MaskResult`` or mask file, None for the current mask. Unbound members are an error when
+        ``strict``, else a warning (a dead channel's consumers are zeroed, so such a constant
+        cannot reach the outputs)."""
+        keep = self.mask().keep if keep is None else self.binding.keep(keep)
+        cuts, missing = self.binding.dead_slices(keep, strict)
+        if missing:
+            warnings.warn(
+                "dead channels have slices in tensors that are not parameters or buffers of the "
+                f"model (constants computed in forward?): {', '.join(missing)}; left as they are",
+                stacklevel=3,
+            )
+        return keep, cuts

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from morphonnx.binding import Param, RegularizerBase
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import onnx
 
@@ -227,46 +229,27 @@ def _rows(x: Any, axis: int) -> Any:
     return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
 
 
-class Regularizer:
+class Regularizer(RegularizerBase):
     """MorphNet's differentiable cost regularizer for a Keras model, driven by a group spec of
     the model's :func:`export_onnx` (spec tensors are Keras variable paths). Options as in the
     torch adapter (docs/keras.md). ``loss()`` works eagerly, inside ``tf.function``, under
     ``tf.distribute`` replicas and in ``model.fit`` (:meth:`callback`)."""
 
-    def __init__(
-        self,
-        model: Any,
-        spec: str | os.PathLike[str] | dict[str, Any],
-        kind: str = "gamma",
-        cost: str = "flops",
-        threshold: float = 1e-2,
-        device: Any = None,
-        l1_fraction: float = 0.0,
-        exclude: str | Sequence[str] = (),
-        onnx_path: str | os.PathLike[str] | None = None,
-    ) -> None:
+    def __init__(self, model: Any, spec: Any, *args: Any, **kwargs: Any) -> None:
         import tensorflow as tf
 
-        from morphonnx.binding import Binding, Param, check_options, load_spec, onnx_fingerprint
-
-        options = check_options(kind, cost, threshold, device, l1_fraction, exclude)
-        fp = None if onnx_path is None else onnx_fingerprint(onnx_path)
-        loaded, where = load_spec(spec, fp, os.fspath(onnx_path or ""))
-        self.model = model
-        self._vars = {p: v for p, (v, _) in keras_layouts(model).items()}
-        trainable = {id(v) for v in model.trainable_weights}
-        bound = {
-            p: Param(p, tuple(v.shape), perm, id(v) in trainable)
-            for p, (v, perm) in keras_layouts(model).items()
-        }
-        self.binding = Binding(loaded, where, bound, options)
-        self.spec, self.where, self.groups = loaded, where, self.binding.groups
-        self.kind, self.cost_kind, self.threshold = kind, cost, options.threshold
-        self.device, self.l1_fraction = options.device, options.l1_fraction
-        self.fingerprint, self.unmapped = self.binding.fingerprint, self.binding.unmapped
+        super().__init__(model, spec, *args, **kwargs)
         self._index = tf.constant(self.binding.index)
         self._segment = tf.constant(self.binding.segment)
-        self.last_cost: float | None = None
+
+    def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
+        layouts = keras_layouts(self.model)
+        self._vars = {p: v for p, (v, _) in layouts.items()}
+        trainable = {id(v) for v in self.model.trainable_weights}
+        return {
+            p: Param(p, tuple(v.shape), perm, id(v) in trainable)
+            for p, (v, perm) in layouts.items()
+        }
 
     def _flat(self, cast: Any = None) -> Any:
         """Every regularized channel's value, flat: per-source statistics, one gather, one max."""
@@ -315,10 +298,6 @@ class Regularizer:
         value, coef = self._coefficients(alive)
         return value, tf.tensordot(tf.cast(flat, tf.float32), coef, 1)
 
-    def loss(self) -> Any:
-        """MorphNet's differentiable cost loss (a tf scalar); ``last_cost`` keeps the cost."""
-        return self.cost_and_loss()[1]
-
     def cost(self) -> float:
         """Cost of the currently alive structure (FLOPs, weights or seconds, as ``analyze``)."""
         return float(self.cost_and_loss()[0])
@@ -328,6 +307,8 @@ class Regularizer:
         import tensorflow as tf
 
         return self.binding.split(self._flat(tf.float64).numpy())
+
+    _values64 = vectors
 
     def callback(self, strength: float) -> Any:
         """A ``keras.callbacks.Callback`` adding ``strength * loss()`` to the model's losses while
@@ -358,29 +339,10 @@ class Regularizer:
 
     # ------------------------------------------------------------------ masks and stage 2
 
-    def mask(self, threshold: float | None = None) -> Any:
-        """The ``morphonnx.mask.MaskResult`` of the current weights (float64, like ``morphonnx
-        mask``); a group the threshold would empty keeps its strongest channel."""
-        from morphonnx.mask import make_mask
-
-        return make_mask(self.vectors(), self.threshold if threshold is None else float(threshold))
-
-    def write_mask(self, path: str | os.PathLike[str], threshold: float | None = None) -> Any:
-        """Write the mask JSON (``morphonnx prune`` input) with the spec's fingerprint."""
-        from morphonnx.formats import write_json
-
-        result = self.mask(threshold)
-        write_json(path, result.document(self.fingerprint, self.kind))
-        return result
-
-    def _cuts(self, keep: Any) -> tuple[dict[str, list[bool]], dict[str, dict[int, list[int]]]]:
-        keep = self.mask().keep if keep is None else self.binding.keep(keep)
-        return keep, self.binding.dead_slices(keep, strict=True)[0]
-
     def zero_dead_(self, keep: Any = None) -> dict[str, list[bool]]:
         """Zero every member slice of every dead channel in place (kernels, biases, batch-norm
         parameters and statistics): the model then computes what the pruned ONNX computes."""
-        keep, cuts = self._cuts(keep)
+        keep, cuts = self._cuts(keep, strict=True)
         for path, axes in cuts.items():
             value = self._vars[path].numpy()
             for axis, idx in axes.items():
@@ -392,7 +354,7 @@ class Regularizer:
         """A new functional (or Sequential) Keras model with the dead channels removed: layer
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
         computes. A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
-        _, cuts = self._cuts(keep)
+        _, cuts = self._cuts(keep, strict=True)
         values = {}
         for path, v in self._vars.items():
             value = v.numpy()

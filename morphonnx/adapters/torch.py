@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from morphonnx.binding import Binding, Param, RegularizerBase
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
-
-    from morphonnx.binding import Binding
 
 __all__ = ["Regularizer", "export_onnx", "export_spec", "torch_ops", "unwrap_model"]
 
@@ -216,51 +216,32 @@ def _statistics(binding: Binding, tensors: dict[str, Any], l1_fraction: float, i
     return picked[:, 0] if picked.shape[1] == 1 else picked.amax(1)
 
 
-class Regularizer:
+class Regularizer(RegularizerBase):
     """MorphNet's differentiable cost regularizer for a PyTorch model, driven by a group spec.
 
-    ``spec``: the ``morphonnx spec`` JSON (path or dict) of the model's :func:`export_onnx`;
-    its tensor names are ``state_dict()`` keys (DDP ``module.`` and ``torch.compile``
-    ``_orig_mod.`` prefixes are handled on both sides). ``kind``, ``cost``, ``threshold``,
-    ``device``, ``l1_fraction``, ``exclude``: see :func:`morphonnx.binding.check_options` and
-    docs/torch.md. ``onnx_path``: the model's export; the spec must carry its fingerprint.
+    ``spec``: the ``morphonnx spec`` JSON (path or dict) of the model's :func:`export_onnx`; its
+    tensor names are ``state_dict()`` keys (DDP ``module.`` and ``torch.compile`` ``_orig_mod.``
+    prefixes are handled on both sides). ``kind``, ``cost``, ``threshold``, ``device``,
+    ``l1_fraction``, ``exclude``, ``onnx_path``: see docs/torch.md.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        spec: str | os.PathLike[str] | dict[str, Any],
-        kind: str = "gamma",
-        cost: str = "flops",
-        threshold: float = 1e-2,
-        device: Any = None,
-        l1_fraction: float = 0.0,
-        exclude: str | Sequence[str] = (),
-        onnx_path: str | os.PathLike[str] | None = None,
-    ) -> None:
-        from morphonnx.binding import Binding, Param, check_options, load_spec, onnx_fingerprint
-
-        options = check_options(kind, cost, threshold, device, l1_fraction, exclude)
-        fp = None if onnx_path is None else onnx_fingerprint(onnx_path)
-        loaded, where = load_spec(spec, fp, os.fspath(onnx_path or ""))
-        self.model = model
+    def __init__(self, model: torch.nn.Module, spec: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, spec, *args, **kwargs)
         bare = unwrap_model(model)
-        self._names = _map_names(bare, loaded)
+        self._sources = {s.tensor: _get(bare, self._names[s.tensor]) for s in self.binding.sources}
+        self._coefficients = self.binding.cache
+        self._on_device: dict[tuple[Any, ...], Any] = {}
+        self._hooks: list[Any] = []
+
+    def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
+        bare = unwrap_model(self.model)
+        self._names = _map_names(bare, spec)
         params = {id(p) for p in bare.parameters()}
         bound = {}
         for spec_name, own in self._names.items():
             t = _get(bare, own)
             bound[spec_name] = Param(own, tuple(t.shape), tuple(range(t.dim())), id(t) in params)
-        self.binding = Binding(loaded, where, bound, options)
-        self.spec, self.where, self.groups = loaded, where, self.binding.groups
-        self.kind, self.cost_kind, self.threshold = kind, cost, options.threshold
-        self.device, self.l1_fraction = options.device, options.l1_fraction
-        self.fingerprint, self.unmapped = self.binding.fingerprint, self.binding.unmapped
-        self._sources = {s.tensor: _get(bare, self._names[s.tensor]) for s in self.binding.sources}
-        self._coefficients = self.binding.cache
-        self._on_device: dict[tuple[Any, ...], Any] = {}
-        self._hooks: list[Any] = []
-        self.last_cost: float | None = None
+        return bound
 
     def _const(self, key: tuple[Any, ...], make: Any) -> Any:
         """A constant tensor on a device, made once (index arrays, coefficients)."""
@@ -324,11 +305,6 @@ class Regularizer:
         self.last_cost = value
         return value, loss
 
-    def loss(self) -> torch.Tensor:
-        """MorphNet's differentiable cost loss; add ``strength * reg.loss()`` to the task loss.
-        The cost it saw is kept in ``last_cost`` (for logging without a second pass)."""
-        return self.cost_and_loss()[1]
-
     def cost(self) -> float:
         """Cost of the currently alive structure (FLOPs, weights or seconds, as ``analyze``)."""
         import torch
@@ -336,38 +312,12 @@ class Regularizer:
         with torch.no_grad():
             return self.cost_and_loss()[0]
 
-    # ------------------------------------------------------------------ masks
-
-    def mask(self, threshold: float | None = None) -> Any:
-        """The ``morphonnx.mask.MaskResult`` of the current weights (float64, like ``morphonnx
-        mask``); a group the threshold would empty keeps its strongest channel."""
+    def _values64(self) -> dict[str, Any]:
         import torch
-
-        from morphonnx.mask import make_mask
 
         with torch.no_grad():
             double = {n: t.detach().double() for n, t in self._sources.items()}
-            values = {k: v.cpu().numpy() for k, v in self.vectors(double).items()}
-        return make_mask(values, self.threshold if threshold is None else float(threshold))
-
-    def write_mask(self, path: str | os.PathLike[str], threshold: float | None = None) -> Any:
-        """Write the mask JSON (``morphonnx prune`` input) with the spec's fingerprint."""
-        from morphonnx.formats import write_json
-
-        result = self.mask(threshold)
-        write_json(path, result.document(self.fingerprint, self.kind))
-        return result
-
-    def _cuts(self, keep: Any, strict: bool) -> tuple[dict[str, list[bool]], Any]:
-        keep = self.mask().keep if keep is None else self.binding.keep(keep)
-        cuts, missing = self.binding.dead_slices(keep, strict)
-        if missing:
-            warnings.warn(
-                "dead channels have slices in tensors that are not parameters or buffers of the "
-                f"model (constants computed in forward?): {', '.join(missing)}; left as they are",
-                stacklevel=3,
-            )
-        return keep, cuts
+            return {k: v.cpu().numpy() for k, v in self.vectors(double).items()}
 
     # ------------------------------------------------------------------ stage 2
 
