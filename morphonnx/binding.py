@@ -291,14 +291,13 @@ def export_and_spec(
     group spec to ``spec_path``; returns the spec."""
     import tempfile
 
-    from morphonnx.analysis import analyze
+    from morphonnx.api import make_spec
     from morphonnx.formats import write_json
-    from morphonnx.spec import build_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export(path)
-        spec = build_spec(analyze(path))
+        spec = make_spec(path, devices=())
     write_json(spec_path, spec)
     return spec
 

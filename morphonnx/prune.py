@@ -3,14 +3,13 @@
 Members are sliced along their axes (a weight may lose filters on axis 0 and inputs on axis 1);
 weights held in ``Constant`` / ``ConstantOfShape`` / folded nodes become plain initializers. The
 per-op bookkeeping (``group`` of depthwise convs, Reshape targets, Split sizes, Slice bounds, Resize
-sizes, Expand shapes) is done by the rewrite each rule names in ``morphonnx.rules.RULES``.
+sizes, Expand shapes) is done by each op's rewrite in the registry (``morphonnx.ops``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,188 +19,15 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
 
 from morphonnx.analysis import Analysis
-from morphonnx.costs import SOURCE_OPS, ShapeOf
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import atomic_write
-from morphonnx.graph import Node
-from morphonnx.rules import rule_for
+from morphonnx.formats import atomic_write, fingerprint
+from morphonnx.load.files import read_model
+from morphonnx.ops import op_kind
+from morphonnx.ops.rewrite import RewriteContext
+from morphonnx.tensors import all_tensors
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Above this many weight bytes the pruned model is saved with external data (protobuf's 2 GB)."""
-
-
-@dataclass
-class RewriteContext:
-    """One node of the model being rewritten, with old and new tensor shapes."""
-
-    node: Node
-    proto: onnx.NodeProto
-    model: onnx.ModelProto
-    analysis: Analysis
-    new_shape: ShapeOf
-    kept: Callable[[str], np.ndarray | None]
-
-    def old_shape(self, tensor: str) -> tuple[int, ...]:
-        s = self.analysis.graph.shape(tensor)
-        assert s is not None
-        return s
-
-    def shape(self, tensor: str) -> tuple[int, ...]:
-        s = self.new_shape(tensor)
-        assert s is not None
-        return s
-
-    def changed(self, tensor: str) -> bool:
-        """Whether ``tensor`` lost channels; never for a tensor of unknown shape (its rule
-        stopped every channel it touches, so nothing about it can change)."""
-        old = self.analysis.graph.shape(tensor)
-        return old is not None and self.new_shape(tensor) != old
-
-    def const_input(self, i: int) -> np.ndarray | None:
-        if i >= len(self.proto.input) or not self.proto.input[i]:
-            return None
-        return self.analysis.graph.small_value(self.proto.input[i])
-
-    def bound_input(self, i: int) -> np.ndarray | None:
-        """Input ``i`` as a constant, or as computed from channel counts only (Slice bounds of
-        torch ``chunk``): its value in the original model."""
-        value = self.const_input(i)
-        if value is None and i < len(self.proto.input) and self.proto.input[i]:
-            value = self.analysis.solution.channels.shape_value(self.proto.input[i])
-        return value
-
-    def set_const_input(self, i: int, value: np.ndarray) -> None:
-        """Point input ``i`` at a new initializer (the old constant may be shared)."""
-        name = f"{self.node.name}__pruned_in{i}"
-        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
-        while len(self.proto.input) <= i:
-            self.proto.input.append("")
-        self.proto.input[i] = name
-
-    def set_attr(self, name: str, value: Any) -> None:
-        for k, a in enumerate(self.proto.attribute):
-            if a.name == name:
-                del self.proto.attribute[k]
-                break
-        self.proto.attribute.append(helper.make_attribute(name, value))
-
-
-def _conv_group(ctx: RewriteContext) -> None:
-    """A depthwise conv has one group per input channel: ``group`` follows the input width."""
-    g = int(ctx.node.attr("group", 1))
-    x, w = ctx.node.inputs[0], ctx.node.inputs[1]
-    if g == 1 or not ctx.changed(x):
-        return
-    cin = ctx.old_shape(x)[1]
-    per_group = (
-        ctx.old_shape(w)[0] // g if ctx.node.op_type == "ConvTranspose" else ctx.old_shape(w)[1]
-    )
-    if per_group == 1 and g == cin:
-        ctx.set_attr("group", ctx.shape(x)[1])
-
-
-def _reshape_target(ctx: RewriteContext) -> None:
-    out = ctx.node.outputs[0]
-    if not ctx.changed(out):
-        return
-    if "shape" in ctx.node.attrs:  # opset < 5
-        target = np.array(ctx.node.attr("shape"), dtype=np.int64)
-    else:
-        value = ctx.const_input(1)
-        if value is None:
-            return  # computed at run time from Shape ops, follows the pruned shapes by itself
-        target = value.astype(np.int64).copy()
-    new = ctx.shape(out)
-    for i, (old_d, new_d) in enumerate(zip(ctx.old_shape(out), new, strict=True)):
-        if old_d != new_d and target[i] not in (-1, 0):
-            target[i] = new_d
-    if "shape" in ctx.node.attrs:
-        ctx.set_attr("shape", target.tolist())
-    else:
-        ctx.set_const_input(1, target)
-
-
-def _split_sizes(ctx: RewriteContext) -> None:
-    x = ctx.node.inputs[0]
-    if not ctx.changed(x):
-        return
-    axis = int(ctx.node.attr("axis", 0)) % len(ctx.old_shape(x))
-    sizes = np.array([ctx.shape(t)[axis] for t in ctx.node.outputs], dtype=np.int64)
-    if ctx.analysis.graph.opset < 13:
-        ctx.set_attr("split", sizes.tolist())
-    else:
-        for k, a in enumerate(ctx.proto.attribute):
-            if a.name == "num_outputs":
-                del ctx.proto.attribute[k]
-                break
-        ctx.set_const_input(1, sizes)
-
-
-def _slice_bounds(ctx: RewriteContext) -> None:
-    x, y = ctx.node.inputs[0], ctx.node.outputs[0]
-    kept = ctx.kept(x)
-    if kept is None or not ctx.changed(x):
-        return
-    rank = len(ctx.old_shape(x))
-    axis = ctx.analysis.solution.channels.axis_of[x]
-    attr_form = "starts" in ctx.node.attrs
-    raw_axes = ctx.node.attr("axes") if attr_form else ctx.const_input(3)
-    if raw_axes is None:
-        raw_axes = range(
-            len(ctx.node.attr("starts")) if attr_form else ctx.old_shape(ctx.proto.input[1])[0]
-        )
-    axes = [int(v) % rank for v in raw_axes]
-    if axis not in axes:
-        return
-    if attr_form:
-        starts, ends = list(ctx.node.attr("starts")), list(ctx.node.attr("ends"))
-    else:  # constants, or computed from channel counts (the rule checked they are known)
-        bounds = [ctx.bound_input(i) for i in (1, 2)]
-        assert bounds[0] is not None and bounds[1] is not None
-        starts, ends = bounds[0].reshape(-1).tolist(), bounds[1].reshape(-1).tolist()
-    k = axes.index(axis)
-    n_in = ctx.old_shape(x)[axis]
-    start = starts[k] + n_in if starts[k] < 0 else starts[k]
-    start = max(0, min(n_in, start))
-    new_start = int(np.searchsorted(kept, start))
-    starts[k] = new_start
-    ends[k] = new_start + ctx.shape(y)[axis]
-    if attr_form:
-        ctx.set_attr("starts", starts)
-        ctx.set_attr("ends", ends)
-    else:
-        ctx.set_const_input(1, np.array(starts, dtype=np.int64))
-        ctx.set_const_input(2, np.array(ends, dtype=np.int64))
-
-
-def _resize_sizes(ctx: RewriteContext) -> None:
-    out = ctx.node.outputs[0]
-    if ctx.changed(out) and ctx.const_input(3) is not None:
-        ctx.set_const_input(3, np.array(ctx.shape(out), dtype=np.int64))
-
-
-def _expand_shape(ctx: RewriteContext) -> None:
-    out = ctx.node.outputs[0]
-    value = ctx.const_input(1)
-    if not ctx.changed(out) or value is None:
-        return
-    target = value.astype(np.int64).copy()
-    old, new = ctx.old_shape(out), ctx.shape(out)
-    offset = len(old) - len(target)
-    for i in range(len(target)):
-        if old[i + offset] != new[i + offset] and target[i] == old[i + offset]:
-            target[i] = new[i + offset]
-    ctx.set_const_input(1, target)
-
-
-REWRITES: dict[str, Callable[[RewriteContext], None]] = {
-    "conv_group": _conv_group,
-    "reshape_target": _reshape_target,
-    "split_sizes": _split_sizes,
-    "slice_bounds": _slice_bounds,
-    "resize_sizes": _resize_sizes,
-    "expand_shape": _expand_shape,
-}
 
 
 def sliced_constants(
@@ -296,12 +122,17 @@ def sync_ir3_inputs(model: onnx.ModelProto) -> None:
 
 
 def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
-    """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
+    """The pruned model, built on a fresh read of the analysed file, so the analysis stays whole
+    (verification and cost prediction still read it). Weights stay on disk until the end: the
+    sliced ones are read from the mapped file and only the untouched ones are ever copied."""
+    model, lazy = read_model(a.graph.path)
+    if fingerprint(model) != a.fingerprint:
+        raise MorphonnxError(f"{a.graph.path}: the file changed since it was analysed")
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
     if not dead.any():
-        _restore_weights(a)
-        return a.graph.model
+        lazy.restore(model)
+        return model
     new_shape = a.shrunk_shapes(keep)
     values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
 
@@ -311,12 +142,12 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
             return None
         return sol.kept(sol.channels.by_key[(tensor, axis)], dead)
 
-    model = a.graph.model
     protos = list(model.graph.node)
     for node in a.graph.nodes:
-        rewrite = rule_for(node.op_type, node.standard).rewrite
+        rewrite = op_kind(node).rewrite
         if rewrite is not None:
-            REWRITES[rewrite](RewriteContext(node, protos[node.index], model, a, new_shape, kept))
+            proto = protos[node.index]
+            rewrite(RewriteContext(node, proto, model, a.graph, sol.channels, new_shape, kept))
     for node, proto in zip(sorted(a.graph.nodes, key=lambda n: n.index), protos, strict=True):
         if not proto.name:
             proto.name = node.name
@@ -327,15 +158,8 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     del model.graph.value_info[:]
     model.graph.value_info.extend(vis)
     sync_ir3_inputs(model)
-    _restore_weights(a)
+    lazy.restore(model)
     return model
-
-
-def _restore_weights(a: Analysis) -> None:
-    """Weights the loader left on disk go into the proto to be saved. Done last, so the sliced
-    ones were read from the mapped file and only the untouched ones are ever copied."""
-    if a.graph.lazy is not None:
-        a.graph.lazy.restore(a.graph.model)
 
 
 def save_model(
@@ -343,10 +167,10 @@ def save_model(
     out: str | os.PathLike[str],
     source: Path,
     check: Callable[[Path], None] | None = None,
-) -> None:
+) -> list[Path]:
     """Save atomically, never over the input; big models get external data beside the output.
     ``check(path)`` runs on the written file before it is moved to ``out``: if it raises, nothing
-    is left at ``out`` (nor a data file beside it)."""
+    is left at ``out`` (nor a data file beside it). Returns the files written."""
     target = Path(out)
     if target.exists() and target.resolve() == source.resolve():
         raise MorphonnxError(f"{target}: refusing to overwrite the input model")
@@ -387,28 +211,13 @@ def save_model(
         if external:
             data.unlink(missing_ok=True)
         raise
-
-
-def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    found = list(graph.initializer)
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                found.append(a.t)
-            elif a.type == onnx.AttributeProto.TENSORS:
-                found.extend(a.tensors)
-            elif a.type == onnx.AttributeProto.GRAPH:
-                found.extend(_all_tensors(a.g))
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    found.extend(_all_tensors(sg))
-    return found
+    return [target, data] if external else [target]
 
 
 def _internalize(model: onnx.ModelProto, base_dir: Path) -> None:
     """Undo what saving with external data did to ``model`` in memory: every tensor marked as
     external gets its bytes back (from the proto if still there, else from ``base_dir``)."""
-    for t in _all_tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         if t.HasField("raw_data"):  # marked but not written yet (the save failed)
@@ -437,10 +246,12 @@ def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]
     new_shape = a.shrunk_shapes(keep)
     layers = []
     for node in a.graph.nodes:
-        if node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
+        layer = op_kind(node).layer
+        if layer is None or len(node.inputs) < 2:
             continue
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        if not a.graph.is_const(w):
+        w_shape = a.graph.shape(w)
+        if not a.graph.is_const(w) or w_shape is None:
             continue
         axis_in = a.solution.channels.axis_of.get(x, 1)
         axis_out = a.solution.channels.axis_of.get(y, 1)
@@ -451,8 +262,7 @@ def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]
                 "node": node.name,
                 "op_type": node.op_type,
                 "weight": w,
-                "depthwise": int(node.attr("group", 1)) > 1
-                and int(node.attr("group", 1)) == (old_x[1] if len(old_x) > 1 else 0),
+                "depthwise": layer.depthwise(node, w_shape),
                 "in_channels": [old_x[axis_in], new_x[axis_in]] if old_x else None,
                 "out_channels": [old_y[axis_out], new_y[axis_out]] if old_y else None,
             }
