@@ -40,25 +40,29 @@ from morphonnx.adapters.tf import Regularizer, export_onnx, export_spec  # noqa:
 SIGNATURE = (tf.TensorSpec((None, 8, 8, 1), tf.float32, name="input"),)
 
 
-def conv_bn(x: Any, cout: int, k: int, stride: int = 1) -> Any:
-    y = layers.Conv2D(cout, k, strides=stride, padding="same", use_bias=False)(x)
-    return layers.BatchNormalization()(y)
-
-
-def residual(x: Any, cout: int, stride: int = 1) -> Any:
-    short = x if stride == 1 and x.shape[-1] == cout else conv_bn(x, cout, 1, stride)
-    y = conv_bn(layers.ReLU()(conv_bn(x, cout, 3, stride)), cout, 3)
-    return layers.ReLU()(layers.Add()([y, short]))
-
-
 def digits_net() -> Any:
-    """stem 16 @8x8 -> residual 16 @8x8 -> residual 32 @4x4 -> concat 16+16 -> pool -> dense."""
+    """stem 16 @8x8 -> residual 16 @8x8 -> residual 32 @4x4 -> concat 16+16 -> pool -> dense.
+
+    Layers are named explicitly: spec tensors are Keras variable paths (``layer/kernel``), and a
+    model built again in one process would otherwise get new automatic names (``conv2d_9``)."""
+    count = iter(range(100))
+
+    def conv_bn(x: Any, cout: int, k: int, stride: int = 1) -> Any:
+        i = next(count)
+        y = layers.Conv2D(cout, k, strides=stride, padding="same", use_bias=False, name=f"conv{i}")
+        return layers.BatchNormalization(name=f"bn{i}")(y(x))
+
+    def residual(x: Any, cout: int, stride: int = 1) -> Any:
+        short = x if stride == 1 and x.shape[-1] == cout else conv_bn(x, cout, 1, stride)
+        y = conv_bn(layers.ReLU()(conv_bn(x, cout, 3, stride)), cout, 3)
+        return layers.ReLU()(layers.Add()([y, short]))
+
     x = keras.Input((8, 8, 1))
     y = residual(residual(layers.ReLU()(conv_bn(x, 16, 3)), 16), 32, stride=2)
     b1 = layers.ReLU()(conv_bn(y, 16, 1))
     b3 = layers.ReLU()(conv_bn(layers.ReLU()(conv_bn(y, 16, 1)), 16, 3))
     y = layers.GlobalAveragePooling2D()(layers.Concatenate()([b1, b3]))
-    return keras.Model(x, layers.Dense(10)(y))
+    return keras.Model(x, layers.Dense(10, name="fc")(y))
 
 
 def load_data(seed: int) -> tuple[np.ndarray, ...]:
