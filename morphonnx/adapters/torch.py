@@ -197,6 +197,10 @@ def _statistics(binding: Binding, tensors: dict[str, Any], l1_fraction: float, i
     """Every group's per-channel regularization values, flat: one gather and one max."""
     import torch
 
+    if all(s.stat == "abs" and tensors[s.tensor].dim() == 1 for s in binding.sources):
+        flat = torch.cat([tensors[s.tensor] for s in binding.sources]).abs()  # gammas: 2 ops
+        picked = flat[index]
+        return picked[:, 0] if picked.shape[1] == 1 else picked.amax(1)
     stats = []
     for s in binding.sources:
         x = tensors[s.tensor]
