@@ -33,7 +33,6 @@ class ArrayOps:
     amax: Callable[[Any, int], Any]  # max over one axis
     maximum: Callable[[Any, Any], Any]  # element-wise max
     count: Callable[[Any], float]  # number of true entries, as a plain float (no gradient)
-    index: Callable[[list[list[int]]], Any] | None = None  # positions -> index (None: numpy)
 
 
 NUMPY = ArrayOps(
@@ -70,13 +69,11 @@ def group_vector(
     if kind == "gamma":
         for g in reg["gammas"]:
             rows = ops.rows(tensors[g["tensor"]], g["axis"])
-            sources.append(
-                ops.amax(abs(ops.take(rows, (ops.index or positions_index)(g["positions"]))), 2)
-            )
+            sources.append(ops.amax(abs(ops.take(rows, positions_index(g["positions"]))), 2))
     if not sources:
         for w in reg["weights"]:
             rows = ops.rows(tensors[w["tensor"]], w["axis"])
-            picked = ops.take(rows, (ops.index or positions_index)(w["positions"]))
+            picked = ops.take(rows, positions_index(w["positions"]))
             norm = (picked * picked).mean(2) ** 0.5
             if l1_fraction:
                 norm = (1 - l1_fraction) * norm + l1_fraction * abs(picked).mean(2)
@@ -113,29 +110,93 @@ def select_groups(spec: Mapping[str, Any], exclude: Iterable[str] = ()) -> list[
 
 @dataclass
 class Side:
-    alive: Any  # A: float, no gradient
-    reg: Any  # R: differentiable sum of the side's regularization vectors
+    alive: float  # A: alive channels (no gradient)
+    reg: dict[str, float]  # R as a linear form: group id -> weight of that group's vector sum
 
 
 def _side(
-    ops: ArrayOps,
-    side: Mapping[str, Any],
-    vectors: Mapping[str, Any],
-    threshold: float,
-    channels: Mapping[str, int],
+    side: Mapping[str, Any], counts: Mapping[str, float], channels: Mapping[str, int]
 ) -> Side:
-    alive: Any = float(side["static"])
-    reg: Any = 0.0
+    alive = float(side["static"])
+    reg: dict[str, float] = {}
     for entry in side["groups"]:
         gid, k = entry["group"], entry["per_channel"]
-        vec = vectors.get(gid)
-        if vec is None:
-            alive = alive + k * channels[gid]
+        if gid not in counts:
+            alive += k * channels[gid]
             continue
-        # a mask never empties a group (it keeps the strongest channel), so neither does the cost
-        alive = alive + k * max(1.0, ops.count(vec > threshold))
-        reg = reg + k * vec.sum()
+        alive += k * counts[gid]
+        reg[gid] = reg.get(gid, 0.0) + k
     return Side(alive, reg)
+
+
+def _add(acc: dict[str, float], scale: float, form: Mapping[str, float]) -> None:
+    for gid, w in form.items():
+        acc[gid] = acc.get(gid, 0.0) + scale * w
+
+
+def cost_and_coefficients(
+    spec: Mapping[str, Any],
+    counts: Mapping[str, float],
+    *,
+    cost: str = "flops",
+    device: Device | None = None,
+) -> tuple[float, dict[str, float]]:
+    """MorphNet's cost of the alive structure and its loss as ``sum_g coeff[g] * R_g``.
+
+    ``counts`` maps each regularized group to its alive count (already floored at one: a mask
+    never empties a group, so neither does the cost); groups missing from it count with all their
+    channels alive and get no coefficient. Once the counts are fixed (they carry no gradient) the
+    loss is linear in the vector sums ``R_g``, so these coefficients are all an adapter needs.
+    ``cost``: flops, size (weights) or latency (roofline on ``device`` through
+    :meth:`Device.latency`, with the op kind's peak and the per-op overhead, as ``analyze``; the
+    loss follows the compute or memory branch, whichever is larger at the current counts).
+    """
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}")
+    if cost == "latency" and device is None:
+        raise ValueError("the latency cost needs a device")
+    channels = {g["id"]: g["channels"] for g in spec["groups"]}
+    total = 0.0
+    coeff: dict[str, float] = {}
+    for t in spec["costs"]:
+        i = _side(t["inputs"], counts, channels)
+        o = _side(t["outputs"], counts, channels)
+        pair: dict[str, float] = {}  # d(pair cost)/dR as a linear form
+        if t["kind"] == "depthwise":
+            pair_cost = o.alive
+            _add(pair, 1.0, i.reg)
+            _add(pair, 1.0, o.reg)
+        else:
+            pair_cost = i.alive * o.alive
+            _add(pair, i.alive, o.reg)
+            _add(pair, o.alive, i.reg)
+        if cost == "flops":
+            total += t["flop_coeff"] * pair_cost
+            _add(coeff, t["flop_coeff"], pair)
+        elif cost == "size":
+            total += t["size_coeff"] * pair_cost
+            _add(coeff, t["size_coeff"], pair)
+        else:
+            assert device is not None
+            size = device.bytes_per_element or t["dtype_bytes"]
+            flops = t["flop_coeff"] * pair_cost
+            nbytes = size * (
+                t["in_elems"] * i.alive
+                + t["out_elems"] * o.alive
+                + t["size_coeff"] * pair_cost
+                + t["bias_elems"] * o.alive
+            )
+            kind = roofline_kind(t["op_type"], t["kind"] == "depthwise")
+            sides = (i.alive, o.alive) if kind in ("conv", "depthwise") else ()
+            total += device.latency(flops, nbytes, kind, sides)
+            if device.bound(flops, nbytes, kind, sides) == "compute":
+                _add(coeff, t["flop_coeff"] / device.peak(kind, sides), pair)
+            else:
+                scale = size / device.mem_bandwidth
+                _add(coeff, scale * t["in_elems"], i.reg)
+                _add(coeff, scale * (t["out_elems"] + t["bias_elems"]), o.reg)
+                _add(coeff, scale * t["size_coeff"], pair)
+    return total, coeff
 
 
 def cost_and_loss(
@@ -147,54 +208,13 @@ def cost_and_loss(
     threshold: float = 0.0,
     device: Device | None = None,
 ) -> tuple[float, Any]:
-    """MorphNet's cost (of the currently alive structure) and its differentiable loss.
-
-    ``vectors`` maps group id to its regularization vector; groups missing from it count with all
-    their channels alive and no gradient. ``cost``: flops, size (weights) or latency (roofline on
-    ``device`` through :meth:`Device.latency`, with the op kind's peak and the per-op overhead, as
-    ``analyze``; the loss follows the compute or memory branch, whichever is larger now).
-    """
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {COSTS}")
-    if cost == "latency" and device is None:
-        raise ValueError("the latency cost needs a device")
-    channels = {g["id"]: g["channels"] for g in spec["groups"]}
-    total_cost = 0.0
-    total_loss: Any = 0.0
-    for t in spec["costs"]:
-        i = _side(ops, t["inputs"], vectors, threshold, channels)
-        o = _side(ops, t["outputs"], vectors, threshold, channels)
-        dw = t["kind"] == "depthwise"
-        pair_cost = o.alive if dw else i.alive * o.alive
-        pair_loss = (i.reg + o.reg) if dw else (i.alive * o.reg + o.alive * i.reg)
-        if cost == "flops":
-            total_cost += t["flop_coeff"] * pair_cost
-            total_loss = total_loss + t["flop_coeff"] * pair_loss
-        elif cost == "size":
-            total_cost += t["size_coeff"] * pair_cost
-            total_loss = total_loss + t["size_coeff"] * pair_loss
-        else:
-            assert device is not None
-            size = device.bytes_per_element or t["dtype_bytes"]
-            flops = t["flop_coeff"] * pair_cost
-            nbytes = size * (
-                t["in_elems"] * i.alive
-                + t["out_elems"] * o.alive
-                + t["size_coeff"] * pair_cost
-                + t["bias_elems"] * o.alive
-            )
-            kind = roofline_kind(t["op_type"], dw)
-            sides = (i.alive, o.alive) if kind in ("conv", "depthwise") else ()
-            total_cost += device.latency(flops, nbytes, kind, sides)
-            if device.bound(flops, nbytes, kind, sides) == "compute":
-                peak = device.peak(kind, sides)
-                total_loss = total_loss + t["flop_coeff"] * pair_loss / peak
-            else:
-                mem_loss = size * (
-                    t["in_elems"] * i.reg
-                    + t["out_elems"] * o.reg
-                    + t["size_coeff"] * pair_loss
-                    + t["bias_elems"] * o.reg
-                )
-                total_loss = total_loss + mem_loss / device.mem_bandwidth
-    return float(total_cost), total_loss
+    """MorphNet's cost (of the currently alive structure) and its differentiable loss, evaluated
+    on the groups' regularization ``vectors`` (group id -> vector, any array type): see
+    :func:`cost_and_coefficients`."""
+    counts = {gid: max(1.0, ops.count(v > threshold)) for gid, v in vectors.items()}
+    total, coeff = cost_and_coefficients(spec, counts, cost=cost, device=device)
+    loss: Any = 0.0
+    for gid, c in coeff.items():
+        if c:
+            loss = loss + c * vectors[gid].sum()
+    return total, loss

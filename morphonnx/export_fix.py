@@ -1,0 +1,115 @@
+"""Repairs of exported ONNX files that the adapters share: the model's structure (and with it
+the fingerprint a spec is checked against) must not depend on weight values or on exporter
+counters."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import onnx
+
+_REDUPLICATE_LIMIT = 1_800_000_000
+"""Above this file size the export is left as the exporter wrote it (protobuf's 2 GB limit)."""
+
+
+def reduplicate(path: str, keys: list[str]) -> None:
+    """Undo the exporter's value de-duplication: ``Identity(init) -> key`` becomes an initializer
+    ``key`` (a copy), for every output ``key`` that names a parameter or buffer of the model.
+    Initializers named after ``keys`` are then put in ``keys`` order (others after them, as they
+    were), so the file does not depend on which tensors happened to be equal."""
+    if os.path.getsize(path) > _REDUPLICATE_LIMIT:
+        return
+    model = onnx.load(path)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    known = set(keys)
+    aliases = [
+        n
+        for n in g.node
+        if n.op_type == "Identity"
+        and len(n.input) == 1
+        and n.input[0] in inits
+        and n.output[0] in known
+        and n.output[0] not in inits
+        and n.output[0] not in graph_outputs
+    ]
+    for n in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[n.input[0]])
+        copy.name = n.output[0]
+        g.initializer.append(copy)
+    drop = {id(n) for n in aliases}
+    nodes = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    rank = {k: i for i, k in enumerate(keys)}
+    order = sorted(
+        range(len(g.initializer)), key=lambda i: (rank.get(g.initializer[i].name, len(rank)), i)
+    )
+    if not aliases and order == sorted(order):
+        return
+    tensors = [g.initializer[i] for i in order]
+    del g.initializer[:]
+    g.initializer.extend(tensors)
+    onnx.save(model, path)
+
+
+_COUNTER = re.compile(r"__\d+")
+_SUFFIX = re.compile(r"(_\d+)+(?=(:\d+)?$)")
+
+
+def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with exporter counters removed from every node and tensor name but the graph's
+    inputs and outputs, and from symbolic dimensions: tf2onnx's process-wide ``__17`` and the
+    ``_1`` suffixes TensorFlow gives name scopes traced more than once (``functional_1_1/
+    conv2d_1/BiasAdd`` becomes ``functional/conv2d/BiasAdd``). Names that then coincide get
+    ``__1``, ``__2``... in graph order, so every export of one model gets the same names."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    fixed = {v.name for v in list(g.input) + list(g.output)}
+    tensors: dict[str, str] = {n: n for n in fixed}
+    nodes: dict[str, str] = {}
+
+    def fresh(name: str, table: dict[str, str]) -> str:
+        if name not in table:
+            base = "/".join(_SUFFIX.sub("", c) for c in _COUNTER.sub("", name).split("/"))
+            used = set(table.values())
+            new, k = base, 0
+            while new in used:
+                k += 1
+                new = f"{base}__{k}"
+            table[name] = new
+        return table[name]
+
+    for t in g.initializer:
+        t.name = fresh(t.name, tensors)
+    for n in g.node:
+        n.name = fresh(n.name, nodes) if n.name else n.name
+        n.input[:] = [fresh(i, tensors) if i else i for i in n.input]
+        n.output[:] = [fresh(o, tensors) if o else o for o in n.output]
+    dims: dict[str, str] = {}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.name not in fixed:
+            vi.name = fresh(vi.name, tensors)
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = fresh(d.dim_param, dims)
+    return out
+
+
+def rename_tensors(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Rename tensors in place (initializers, node inputs/outputs, value_info)."""
+    g = model.graph
+    taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
+    clash = sorted(set(renames.values()) & (taken - set(renames)))
+    if clash:
+        raise ValueError(f"cannot rename constants to names already used: {', '.join(clash)}")
+    for t in g.initializer:
+        t.name = renames.get(t.name, t.name)
+    for n in g.node:
+        n.input[:] = [renames.get(i, i) for i in n.input]
+    for vi in g.value_info:
+        vi.name = renames.get(vi.name, vi.name)
