@@ -93,7 +93,7 @@ class Channels:
         the pruned model it may be written as a constant. None otherwise (it reads a batch or
         spatial dim, or is not such a computation)."""
         exact = _evaluate(self.graph, tensor, lambda t, s: s, {})
-        if exact is None:
+        if exact is None or exact.dtype.kind not in "iu":
             return None
 
         live = self.live
@@ -107,6 +107,30 @@ class Channels:
         moved = _evaluate(self.graph, tensor, others_moved, {})
         return exact if moved is not None and np.array_equal(moved, exact) else None
 
+    def run_time_values(self, tensor: str) -> list[np.ndarray] | None:
+        """A small integer tensor computed at run time from shapes (TF "same" pads from the input
+        size), at the analyzed shapes and with every dim of the computed tensors moved (batch,
+        spatial and channel counts): an entry equal in all of them does not follow the shapes.
+        None when it is not such a computation."""
+        values = [self.value_at(tensor, self.graph.shape, moved=m) for m in (False, True)]
+        if any(v is None or v.dtype.kind not in "iu" for v in values):
+            return None
+        return [v for v in values if v is not None]
+
+
+    def value_at(
+        self, tensor: str, shapes: Callable[[str], Shape | None], *, moved: bool = False
+    ) -> np.ndarray | None:
+        """A shape computation's value when tensors have ``shapes`` (the pruned model's); with
+        ``moved``, also every dim of the computed tensors moved, to see which entries are fixed."""
+        live = self.live
+
+        def shape_of(t: str, shape: Shape) -> Shape:
+            new = shapes(t) or shape
+            return tuple(2 * d + 3 for d in new) if moved and t in live else new
+
+        return _evaluate(self.graph, tensor, shape_of, {})
+
 
 SHAPE_VALUE_LIMIT = 64
 """Elements of a shape computation's value (shape vectors, bounds, sizes)."""
@@ -119,8 +143,9 @@ def _evaluate(
     memo: dict[str, np.ndarray | None],
     depth: int = 0,
 ) -> np.ndarray | None:
-    """``tensor``'s value from small integer constants and ``Shape`` / ``Size`` of tensors of
-    known shape (as ``shape_of`` reports them), through the ops constant folding knows."""
+    """``tensor``'s value from small constants and ``Shape`` / ``Size`` of tensors of known shape
+    (as ``shape_of`` reports them), through the ops constant folding knows (float steps included:
+    TF "same" padding divides in float and casts back)."""
     if tensor not in memo:
         memo[tensor] = _evaluate_node(graph, tensor, shape_of, memo, depth)
     return memo[tensor]
@@ -135,7 +160,7 @@ def _evaluate_node(
 ) -> np.ndarray | None:
     if graph.is_const(tensor):
         v = graph.small_value(tensor, SHAPE_VALUE_LIMIT)
-        return v if v is not None and v.dtype.kind in "iu" else None
+        return v if v is not None and v.dtype.kind in "iubf" else None
     node = graph.producer.get(tensor)
     if node is None or not node.standard or depth > 64 or node.outputs[:1] != [tensor]:
         return None
@@ -167,7 +192,7 @@ def _evaluate_node(
         value = np.asarray(fold(node, inputs))
     except Exception:  # malformed: not a shape computation this can follow
         return None
-    return value if value.dtype.kind in "iu" and value.size <= SHAPE_VALUE_LIMIT else None
+    return value if value.dtype.kind in "iubf" and value.size <= SHAPE_VALUE_LIMIT else None
 
 
 class RuleContext:

@@ -40,6 +40,7 @@ class RewriteContext:
     analysis: Analysis
     new_shape: ShapeOf
     kept: Callable[[str], np.ndarray | None]
+    inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]]  # (new node, the node it goes before)
 
     def old_shape(self, tensor: str) -> tuple[int, ...]:
         s = self.analysis.graph.shape(tensor)
@@ -71,8 +72,13 @@ class RewriteContext:
         return value
 
     def set_const_input(self, i: int, value: np.ndarray) -> None:
-        """Point input ``i`` at a new initializer (the old constant may be shared)."""
+        """Point input ``i`` at a new initializer (the old constant may be shared), of the old
+        input's dtype (jax2tf writes int32 Slice bounds: a Slice may not mix int32 and int64)."""
         name = f"{self.node.name}__pruned_in{i}"
+        old = self.proto.input[i] if i < len(self.proto.input) else ""
+        dtype = self.analysis.graph.info(old).dtype if old else None
+        if dtype is not None and dtype.kind in "iu":
+            value = value.astype(dtype)
         self.model.graph.initializer.append(numpy_helper.from_array(value, name))
         while len(self.proto.input) <= i:
             self.proto.input.append("")
@@ -109,7 +115,8 @@ def _reshape_target(ctx: RewriteContext) -> None:
     else:
         value = ctx.const_input(1)
         if value is None:
-            return  # computed at run time from Shape ops, follows the pruned shapes by itself
+            _computed_target(ctx)
+            return
         target = value.astype(np.int64).copy()
     new = ctx.shape(out)
     for i, (old_d, new_d) in enumerate(zip(ctx.old_shape(out), new, strict=True)):
@@ -119,6 +126,45 @@ def _reshape_target(ctx: RewriteContext) -> None:
         ctx.set_attr("shape", target.tolist())
     else:
         ctx.set_const_input(1, target)
+
+
+def _computed_target(ctx: RewriteContext) -> None:
+    """A target computed at run time follows the pruned shapes where it reads them (``Shape`` of
+    the input), not where it holds a channel count as a constant (keras ``Tensordot``:
+    ``Concat(Gather(Shape(x)), [4C])``, paddle heads: ``[Shape(x)[0], C]``). Entries that come
+    out wrong at the pruned shapes and are constant (the same when every run-time dim moves) get
+    the difference added, by an ``Add`` inserted before the Reshape."""
+    x, target, out = ctx.node.inputs[0], ctx.proto.input[1], ctx.node.outputs[0]
+    channels = ctx.analysis.solution.channels
+    value = channels.value_at(target, ctx.new_shape)
+    moved = channels.value_at(target, ctx.new_shape, moved=True)
+    if value is None or moved is None or value.dtype.kind not in "iu":
+        return  # not evaluable: analyze's dry run reports the group
+    value = value.reshape(-1).astype(np.int64)
+    want = ctx.shape(out)
+    got = reshaped(ctx.shape(x), value, bool(ctx.node.attr("allowzero", 0)))
+    if got == want:
+        return
+    delta = np.zeros_like(value)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if g != w and value[i] > 0 and moved.reshape(-1)[i] == value[i]:
+            delta[i] = w - value[i]
+    if not delta.any():
+        return
+    name = f"{ctx.node.name}__pruned_target"
+    ctx.model.graph.initializer.append(numpy_helper.from_array(delta, f"{name}_delta"))
+    add = helper.make_node("Add", [target, f"{name}_delta"], [name], name=f"{name}_add")
+    ctx.inserted.append((add, ctx.proto))
+    ctx.proto.input[1] = name
+
+
+def reshaped(shape: tuple[int, ...], target: np.ndarray, allowzero: bool) -> tuple[int, ...]:
+    """The output shape of ``Reshape(x of shape, target)``."""
+    dims = [shape[i] if d == 0 and not allowzero else int(d) for i, d in enumerate(target)]
+    if -1 in dims:
+        rest = int(np.prod([d for d in dims if d != -1]))
+        dims[dims.index(-1)] = int(np.prod(shape)) // rest if rest else 0
+    return tuple(dims)
 
 
 def _split_sizes(ctx: RewriteContext) -> None:
@@ -313,13 +359,22 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
 
     model = a.graph.model
     protos = list(model.graph.node)
+    inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     for node in a.graph.nodes:
         rewrite = rule_for(node.op_type, node.standard).rewrite
         if rewrite is not None:
-            REWRITES[rewrite](RewriteContext(node, protos[node.index], model, a, new_shape, kept))
+            proto = protos[node.index]
+            REWRITES[rewrite](RewriteContext(node, proto, model, a, new_shape, kept, inserted))
     for node, proto in zip(sorted(a.graph.nodes, key=lambda n: n.index), protos, strict=True):
         if not proto.name:
             proto.name = node.name
+    if inserted:
+        before: dict[int, list[onnx.NodeProto]] = {}
+        for new, at in inserted:
+            before.setdefault(id(at), []).append(new)
+        order = [n for p in protos for n in [*before.get(id(p), []), p]]
+        del model.graph.node[:]
+        model.graph.node.extend(order)
     replace_constants(model, a, values)
     # stale shapes of every tensor that lost channels, constants from Constant / folded nodes too
     changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}
