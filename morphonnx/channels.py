@@ -117,7 +117,6 @@ class Channels:
             return None
         return [v for v in values if v is not None]
 
-
     def value_at(
         self, tensor: str, shapes: Callable[[str], Shape | None], *, moved: bool = False
     ) -> np.ndarray | None:

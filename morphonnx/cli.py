@@ -99,11 +99,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _analysis(args: argparse.Namespace) -> Any:
-    from morphonnx.analysis import analyze
+    from morphonnx.analysis import analyze, unknown_note
     from morphonnx.devices import resolve_device
 
     devices = [resolve_device(d) for d in (args.device or DEFAULT_DEVICES)]
     a = analyze(args.model, batch=args.batch, input_shapes=dict(args.input_shape), devices=devices)
+    note = unknown_note(a)
+    if note is not None:
+        print(f"morphonnx: warning: {args.model}: {note}", file=sys.stderr)
     if args.batch != 1 and not a.graph.batch_used:
         print(
             f"morphonnx: note: --batch {args.batch} changes nothing: {args.model} has no dynamic "

@@ -81,6 +81,8 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
         per_group_in = w_shape[0] // groups if node.op_type == "ConvTranspose" else w_shape[1]
         depthwise = node.op_type in ("Conv", "ConvTranspose") and groups > 1 and per_group_in == 1
         macs = node_macs(node, g.shape)
+        if macs is None:
+            continue  # shapes unknown: the spec's totals list it among the unknown ops
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
         bias_elems = int(np.prod(g.shape(bias) or ())) if bias and g.is_const(bias) else 0
         x_elems = int(np.prod(g.shape(x) or ()))
@@ -139,7 +141,13 @@ def build_spec(a: Analysis) -> dict[str, Any]:
             "path": str(a.graph.path),
             "inputs": {n: list(a.graph.shape(n) or ()) for n in a.graph.inputs},
         },
-        "totals": {"macs": a.totals.macs, "flops": a.totals.flops, "params": a.totals.params},
+        "totals": {
+            "macs": a.totals.macs,
+            "flops": a.totals.flops,
+            "params": a.totals.params,
+            "complete": a.totals.complete,
+            "unknown_ops": a.totals.unknown,
+        },
         "groups": groups,
         "costs": cost_terms(a),
     }

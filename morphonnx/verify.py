@@ -9,6 +9,7 @@ an intermediate tensor is off by half.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,17 @@ near 0, moves in steps of 2**-24 when its input moves by reassociation noise."""
 TINY = 1e-30
 """Slack for exact zeros and denormals (which runtimes may flush); everything else is relative."""
 """Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
+
+
+class RuntimeFailure(Exception):
+    """onnxruntime could not load or run a model: a verification failure naming the node."""
+
+    @classmethod
+    def of(cls, model: str, exc: Exception) -> RuntimeFailure:
+        text = " ".join(str(exc).split())
+        found = re.search(r"[Nn]ame:\s*'([^']*)'", text) or re.search(r"Node \(([^)]*)\)", text)
+        where = f" at node `{found.group(1)}`" if found else ""
+        return cls(f"onnxruntime fails on the {model} model{where}: {text[:300]}")
 
 
 @dataclass
@@ -131,10 +143,15 @@ def run_all(
     )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+    opts.log_severity_level = 4  # its failures come back as RuntimeFailure, not on stderr
+    run_opts = ort.RunOptions()
+    run_opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        values = dict(zip(names, sess.run(names, dict(feeds), run_opts), strict=True))
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise RuntimeFailure.of(name, exc) from None
     # in graph order, so the first failure of a comparison is where the models start to differ
     order = [t for n in m.graph.node for t in n.output if t in values]
     return {t: values[t] for t in dict.fromkeys(order + names)}
@@ -209,7 +226,10 @@ def verify(
     feeds = random_feeds(a, seed)
     with tempfile.TemporaryDirectory(prefix="morphonnx-verify-") as tmp:
         folder = Path(tmp)
-        ref = run_all(reference, feeds, folder, "reference")
-        # a pruned model not saved yet still reads untouched weights from the input's data file
-        got = run_all(pruned, feeds, folder, "pruned", base_dir=a.graph.path.absolute().parent)
+        try:
+            ref = run_all(reference, feeds, folder, "original")
+            # a pruned model not saved yet still reads untouched weights from the input's data file
+            got = run_all(pruned, feeds, folder, "pruned", base_dir=a.graph.path.absolute().parent)
+        except RuntimeFailure as exc:
+            return Verification(failures=[str(exc)])
     return compare(a, keep, ref, got, shape_computations(reference))

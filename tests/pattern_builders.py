@@ -202,3 +202,20 @@ __all__ = [
     "reshape_head",
     "tf_same_conv_net",
 ]
+
+
+def data_dependent_pad_net(opset: int = 13) -> Builder:
+    """conv -> Pad by an amount computed from the input's *values* (nothing can know it before
+    run time) -> conv -> relu -> conv -> output: the shapes after the Pad stay unknown."""
+    b = Builder(opset)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv(x, 3, 4, 3, prefix="conv1"))
+    amount = b.node("Cast", [b.node("ReduceMax", [x], keepdims=0)], to=TensorProto.INT64)
+    amount = b.node("Unsqueeze", [b.node("Relu", [amount]), _ints(b, [0])])
+    zeros = _ints(b, [0, 0])
+    pads = b.node("Concat", [zeros, amount, amount, zeros, amount, amount], axis=0)
+    y = b.node("Pad", [y, pads], mode="constant")
+    y = b.relu(b.conv(y, 4, 5, 3, prefix="conv2"))
+    b.conv(y, 5, 2, 1, prefix="conv3")
+    b.output("conv3.out")
+    return b
