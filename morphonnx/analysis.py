@@ -64,11 +64,14 @@ def analyze(
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     devices: Sequence[Device] = (),
+    check_rewrites: bool = True,
 ) -> Analysis:
+    """Load, solve and cost ``path``. ``check_rewrites``: dry-run the rewrite of every group
+    found prunable (``selfcheck``), so that a group called prunable prunes."""
     graph = load_graph(path, batch=batch, input_shapes=input_shapes)
     solution = solve(graph)
     costs = op_costs(graph)
-    return Analysis(
+    a = Analysis(
         graph=graph,
         solution=solution,
         costs=costs,
@@ -76,6 +79,11 @@ def analyze(
         devices=list(devices),
         fingerprint=fingerprint(graph.model),
     )
+    if check_rewrites:
+        from morphonnx.selfcheck import self_check  # it rewrites with prune's code
+
+        self_check(a)
+    return a
 
 
 def unsupported_ops(a: Analysis) -> dict[str, int]:
@@ -142,9 +150,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
             "weight_bytes": t.weight_bytes,
             "latency_s": t.latency,
             "complete": t.complete,
-            "unknown_ops": [
-                {"name": n, "op_type": a.graph.by_name[n].op_type} for n in t.unknown
-            ],
+            "unknown_ops": [{"name": n, "op_type": a.graph.by_name[n].op_type} for n in t.unknown],
         },
         "ops": [
             {

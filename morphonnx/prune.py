@@ -250,10 +250,9 @@ REWRITES: dict[str, Callable[[RewriteContext], None]] = {
 }
 
 
-def sliced_constants(
-    a: Analysis, dead: np.ndarray, transform: Callable[[np.ndarray, int, np.ndarray], np.ndarray]
-) -> dict[str, np.ndarray]:
-    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx)``."""
+def dead_slices(a: Analysis, dead: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every constant that changes: its (axis, dead indices) cuts (none for a copy that keeps
+    the old values of a source that changes)."""
     sol = a.solution
     per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for slot in sol.channels.slots:
@@ -264,8 +263,15 @@ def sliced_constants(
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
     for name in a.graph.materialized_copies(per_tensor):
         per_tensor.setdefault(name, [])  # its source changes: the copy keeps the old values
+    return per_tensor
+
+
+def sliced_constants(
+    a: Analysis, dead: np.ndarray, transform: Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx)``."""
     result = {}
-    for name, cuts in per_tensor.items():
+    for name, cuts in dead_slices(a, dead).items():
         value = a.graph.value(name)
         for axis, dead_idx in cuts:
             value = transform(value, axis, dead_idx)
@@ -341,15 +347,13 @@ def sync_ir3_inputs(model: onnx.ModelProto) -> None:
         model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
-def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
-    """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
+def rewrite_nodes(
+    a: Analysis, model: onnx.ModelProto, keep: Mapping[str, Sequence[bool]], dead: np.ndarray
+) -> None:
+    """Run every node's rewrite on ``model``: the analysis's own proto, or a weight-free copy
+    with the same nodes in the same order (``selfcheck``). Unnamed nodes get their names."""
     sol = a.solution
-    dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
-    if not dead.any():
-        _restore_weights(a)
-        return a.graph.model
     new_shape = a.shrunk_shapes(keep)
-    values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
 
     def kept(tensor: str) -> np.ndarray | None:
         axis = sol.channels.axis_of.get(tensor)
@@ -357,7 +361,6 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
             return None
         return sol.kept(sol.channels.by_key[(tensor, axis)], dead)
 
-    model = a.graph.model
     protos = list(model.graph.node)
     inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     for node in a.graph.nodes:
@@ -375,6 +378,18 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
         order = [n for p in protos for n in [*before.get(id(p), []), p]]
         del model.graph.node[:]
         model.graph.node.extend(order)
+
+
+def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
+    """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
+    sol = a.solution
+    dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
+    if not dead.any():
+        _restore_weights(a)
+        return a.graph.model
+    values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
+    model = a.graph.model
+    rewrite_nodes(a, model, keep, dead)
     replace_constants(model, a, values)
     # stale shapes of every tensor that lost channels, constants from Constant / folded nodes too
     changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}

@@ -15,7 +15,6 @@ from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
 from morphonnx.verify import Verification
 
-
 UNKNOWN = "?"
 """How a cost that cannot be computed (a shape is unknown) is printed: never as 0."""
 

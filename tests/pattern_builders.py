@@ -6,7 +6,7 @@ or unfused forms). Every builder returns a :class:`~onnx_builders.Builder` ready
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import FLOAT, INT64, Builder
 
 
@@ -94,13 +94,33 @@ def tf_same_conv_net(opset: int, dynamic: bool, form: str, nhwc: bool = False) -
     y = same_conv(y, 8, 6, 2, "conv2")
     z = same_conv(y, 6, 6, 1, "conv3")
     z = b.node("Add", [z, y])
-    pooled = b.node("ReduceMean", [z], axes=spatial, keepdims=0)
+    if opset < 18:
+        pooled = b.node("ReduceMean", [z], axes=spatial, keepdims=0)
+    else:
+        pooled = b.node("ReduceMean", [z, _ints(b, spatial)], keepdims=0)
     b.gemm(pooled, 6, 4, prefix="fc")
     b.output("fc.out")
     return b
 
 
-def convnext_block(opset: int, dynamic: bool, fused: bool, dim: int = 8) -> Builder:
+def _dense(b: Builder, t: str, w: str, cout: int, tensordot: bool) -> str:
+    """A Dense layer on an NHWC tensor: MatMul, or keras 2's ``Tensordot`` as tf2onnx writes it
+    (Reshape to ``[prod(N, H, W), C]`` computed with ReduceProd, MatMul, Reshape back to
+    ``Concat(Shape(t)[:3], [cout])``: the output width is a constant inside a run-time target)."""
+    if not tensordot:
+        return b.node("MatMul", [t, w])
+    shape = b.node("Shape", [t])
+    free = b.node("Gather", [shape, _ints(b, [0, 1, 2])], axis=0)
+    rows = b.node("ReduceProd", [free], keepdims=1)
+    cols = b.node("Gather", [shape, _ints(b, [3])], axis=0)
+    flat = b.node("Reshape", [t, b.node("Concat", [rows, cols], axis=0)])
+    out = b.node("MatMul", [flat, w])
+    return b.node("Reshape", [out, b.node("Concat", [free, _ints(b, [cout])], axis=0)])
+
+
+def convnext_block(
+    opset: int, dynamic: bool, fused: bool, dim: int = 8, tensordot: bool = False
+) -> Builder:
     """stem conv -> depthwise 7x7 -> Transpose NHWC -> LayerNorm (fused op, or ReduceMean/Sub/
     Pow/Sqrt/Div before opset 17) -> MatMul 4x -> Gelu (erf form unless ``fused`` at opset 20) ->
     MatMul back -> layer-scale Mul -> Transpose NCHW -> residual Add -> pool -> Gemm."""
@@ -127,7 +147,7 @@ def convnext_block(opset: int, dynamic: bool, fused: bool, dim: int = 8) -> Buil
     h = b.node(
         "Add",
         [
-            b.node("MatMul", [n, b.init("pw1.weight", [dim, 4 * dim])]),
+            _dense(b, n, b.init("pw1.weight", [dim, 4 * dim]), 4 * dim, tensordot),
             b.init("pw1.bias", [4 * dim]),
         ],
     )
@@ -143,7 +163,10 @@ def convnext_block(opset: int, dynamic: bool, fused: bool, dim: int = 8) -> Buil
         g = b.node("Mul", [b.node("Mul", [h, b.node("Add", [erf, one])]), half])
     o = b.node(
         "Add",
-        [b.node("MatMul", [g, b.init("pw2.weight", [4 * dim, dim])]), b.init("pw2.bias", [dim])],
+        [
+            _dense(b, g, b.init("pw2.weight", [4 * dim, dim]), dim, tensordot),
+            b.init("pw2.bias", [dim]),
+        ],
     )
     o = b.node("Mul", [o, b.init("layer_scale", [dim])])
     back = b.node("Transpose", [o], perm=[0, 3, 1, 2])
@@ -154,24 +177,29 @@ def convnext_block(opset: int, dynamic: bool, fused: bool, dim: int = 8) -> Buil
     return b
 
 
-def reshape_head(opset: int, target: list[int], constant_node: bool, cout: int = 6) -> Builder:
-    """conv -> relu -> global pool -> Reshape to a constant target such as ``[1, C]``
-    (paddle2onnx's head) -> MatMul + Add (or Gemm)."""
+def reshape_head(opset: int, target: list[int], form: str, cout: int = 6) -> Builder:
+    """conv -> relu -> global pool -> Reshape to a target such as ``[1, C]`` (paddle2onnx's head)
+    -> MatMul + Add. ``form``: ``initializer``, ``constant_node``, or ``computed``: the batch
+    entry read from ``Shape`` at run time and concatenated with the constant rest (dynamic
+    batch)."""
     b = Builder(opset)
-    x = b.input("x", [1, 3, 8, 8])
+    x = b.input("x", ["N", 3, 8, 8] if form == "computed" else [1, 3, 8, 8])
     y = b.relu(b.conv(x, 3, cout, 3, prefix="conv"))
     pooled = b.node("GlobalAveragePool", [y])
     values = np.array(target, dtype=np.int64)
-    if constant_node:
-        from onnx import numpy_helper
-
+    if form == "constant_node":
         shape = b.node("Constant", [], value=numpy_helper.from_array(values, "target"))
+    elif form == "computed":
+        batch = b.node("Slice", [b.node("Shape", [pooled]), _ints(b, [0]), _ints(b, [1])])
+        shape = b.node("Concat", [batch, b.init("target", values[1:])], axis=0)
     else:
         shape = b.init("target", values)
     flat = b.node("Reshape", [pooled, shape])
     logits = b.node("MatMul", [flat, b.init("fc.weight", [cout, 4])])
     b.node("Add", [logits, b.init("fc.bias", [4])], "out")
-    b.output("out")
+    b.outputs.append(
+        helper.make_tensor_value_info("out", FLOAT, ["N" if form == "computed" else 1, 4])
+    )
     return b
 
 
@@ -217,5 +245,24 @@ def data_dependent_pad_net(opset: int = 13) -> Builder:
     y = b.node("Pad", [y, pads], mode="constant")
     y = b.relu(b.conv(y, 4, 5, 3, prefix="conv2"))
     b.conv(y, 5, 2, 1, prefix="conv3")
+    b.output("conv3.out")
+    return b
+
+
+def computed_expand_net(opset: int = 13) -> Builder:
+    """conv -> Expand to ``Concat(Shape(y)[0:1], [C], Shape(y)[2:])``: a run-time shape that holds
+    the channel count as a constant, which no rewrite knows how to change. Pruning the conv's
+    channels would break the Expand, so the dry run must report the group unprunable; conv2's
+    group (4 channels) is fine."""
+    b = Builder(opset)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv(x, 3, 6, 3, prefix="conv1"))
+    shape = b.node("Shape", [y])
+    batch = b.node("Slice", [shape, _ints(b, [0]), _ints(b, [1])])
+    space = b.node("Slice", [shape, _ints(b, [2]), _ints(b, [4])])
+    target = b.node("Concat", [batch, _ints(b, [6]), space], axis=0)
+    y = b.node("Expand", [y, target])
+    y = b.relu(b.conv(y, 6, 4, 1, prefix="conv2"))
+    b.conv(y, 4, 2, 1, prefix="conv3")
     b.output("conv3.out")
     return b
