@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from morphonnx.costs import OpCost, ShapeOf, Totals, op_costs, totals
 from morphonnx.devices import Device
 from morphonnx.formats import fingerprint
@@ -33,11 +35,13 @@ class Analysis:
         """Tensor shapes once the dead channels of ``mask`` are removed (for cost prediction)."""
         sol = self.solution
         dead = sol.dead_labels({k: list(v) for k, v in mask.items()})
+        slots = sol.channels.slots
+        lost = sol.lost(dead)
         new: dict[str, list[int]] = {}
-        for slot in sol.channels.slots:
-            kept = int((~dead[sol.slot_labels(slot)]).sum())
+        for i in np.flatnonzero(lost).tolist():  # only slots that lose channels
+            slot = slots[i]
             shape = new.setdefault(slot.tensor, list(self.graph.shape(slot.tensor) or ()))
-            shape[slot.axis] = kept
+            shape[slot.axis] = slot.size - int(lost[i])
 
         def shape_of(name: str) -> Shape | None:
             s = new.get(name)

@@ -255,11 +255,10 @@ def dead_slices(a: Analysis, dead: np.ndarray) -> dict[str, list[tuple[int, np.n
     the old values of a source that changes)."""
     sol = a.solution
     per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for slot in sol.channels.slots:
-        if not slot.const:
-            continue
-        dead_idx = np.flatnonzero(dead[sol.slot_labels(slot)])
-        if len(dead_idx):
+    for i in np.flatnonzero(sol.lost(dead)).tolist():
+        slot = sol.channels.slots[i]
+        if slot.const:
+            dead_idx = np.flatnonzero(dead[sol.slot_labels(slot)])
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
     for name in a.graph.materialized_copies(per_tensor):
         per_tensor.setdefault(name, [])  # its source changes: the copy keeps the old values
@@ -348,12 +347,12 @@ def sync_ir3_inputs(model: onnx.ModelProto) -> None:
 
 
 def rewrite_nodes(
-    a: Analysis, model: onnx.ModelProto, keep: Mapping[str, Sequence[bool]], dead: np.ndarray
+    a: Analysis, model: onnx.ModelProto, new_shape: ShapeOf, dead: np.ndarray
 ) -> None:
     """Run every node's rewrite on ``model``: the analysis's own proto, or a weight-free copy
-    with the same nodes in the same order (``selfcheck``). Unnamed nodes get their names."""
+    with the same nodes in the same order (``selfcheck``). Unnamed nodes get their names.
+    ``new_shape``: ``a.shrunk_shapes`` of the mask whose dead classes are ``dead``."""
     sol = a.solution
-    new_shape = a.shrunk_shapes(keep)
 
     def kept(tensor: str) -> np.ndarray | None:
         axis = sol.channels.axis_of.get(tensor)
@@ -389,7 +388,7 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
         return a.graph.model
     values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
     model = a.graph.model
-    rewrite_nodes(a, model, keep, dead)
+    rewrite_nodes(a, model, a.shrunk_shapes(keep), dead)
     replace_constants(model, a, values)
     # stale shapes of every tensor that lost channels, constants from Constant / folded nodes too
     changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}

@@ -52,9 +52,10 @@ def _problem(a: Analysis, groups: Sequence[Group]) -> str | None:
     """What goes wrong when one channel of each of ``groups`` is removed (None: nothing)."""
     keep = {g.id: [i != 0 for i in range(g.channels)] for g in groups}
     dead = a.solution.dead_labels(keep)
+    expected = a.shrunk_shapes(keep)
     model = onnx.ModelProto()
     model.CopyFrom(a.graph.model)  # weights are not in it (the loader left them on disk)
-    rewrite_nodes(a, model, keep, dead)
+    rewrite_nodes(a, model, expected, dead)
     _slice_constants(a, model, dead)
     _sort_nodes(model)
     g = a.graph
@@ -64,7 +65,6 @@ def _problem(a: Analysis, groups: Sequence[Group]) -> str | None:
         tensors = infer_tensor_shapes(g.path, model, fixed, constants)
     except MorphonnxError as exc:
         return str(exc).split(": ", 1)[-1]
-    expected = a.shrunk_shapes(keep)
     for node in g.nodes:
         for t in node.outputs:
             info = g.tensors.get(t)
@@ -82,23 +82,27 @@ def _problem(a: Analysis, groups: Sequence[Group]) -> str | None:
 
 
 def _slice_constants(a: Analysis, model: onnx.ModelProto, dead: np.ndarray) -> None:
-    """Constants take their pruned shapes: big initializers only their dims (shape inference
-    declares them as typed inputs), the others their sliced values, as ``prune`` writes them."""
+    """Constants take their pruned shapes, as ``prune`` writes them: big initializers only their
+    dims (shape inference declares them as typed inputs), float ones zeros (shape inference
+    needs no weight values), integer ones their sliced values."""
     inits = {t.name: t for t in model.graph.initializer}
     values = {}
     for name, cuts in dead_slices(a, dead).items():
-        shape = list(a.graph.shape(name) or ())
+        info = a.graph.info(name)
+        shape = list(info.shape or ())
         for axis, idx in cuts:
             shape[axis] -= len(idx)
         init = inits.get(name)
         if init is not None and math.prod(shape) > SMALL_CONSTANT:
             stub = onnx.TensorProto(name=name, data_type=init.data_type, dims=shape)
             init.CopyFrom(stub)
-            continue
-        value = a.graph.value(name)
-        for axis, idx in cuts:
-            value = np.delete(value, idx, axis=axis)
-        values[name] = value
+        elif info.dtype is not None and info.dtype.kind == "f":
+            values[name] = np.zeros(shape, dtype=info.dtype)
+        else:
+            value = a.graph.value(name)
+            for axis, idx in cuts:
+                value = np.delete(value, idx, axis=axis)
+            values[name] = value
     replace_constants(model, a, values)
 
 
