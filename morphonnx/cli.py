@@ -242,7 +242,15 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
                     f"({v.failures[0]}); nothing written"
                 )
         shapes = dict(args.input_shape)
-        after.append(analyze(written, batch=args.batch, input_shapes=shapes, devices=a.devices))
+        after.append(
+            analyze(
+                written,
+                batch=args.batch,
+                input_shapes=shapes,
+                devices=a.devices,
+                check_rewrites=False,
+            )
+        )
         if args.structure:
             write_json(args.structure, layers)
 

@@ -128,9 +128,10 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
                 params += n or 0  # constants have known shapes
             elements, nbytes = _add(elements, n), _add(nbytes, n, info.itemsize)
         for t in node.outputs:
-            if t:
-                n = _numel(shape(t))
-                elements, nbytes = _add(elements, n), _add(nbytes, n, graph.info(t).itemsize)
+            n = _numel(shape(t)) if t else 0
+            if n is None and t not in graph.consumers and t not in graph.outputs:
+                continue  # an optional output nothing reads (Dropout's mask): not computed
+            elements, nbytes = _add(elements, n), _add(nbytes, n, graph.info(t).itemsize)
         macs = node_macs(node, shape)
         result.append(OpCost(node.name, node.op_type, macs, params, nbytes, elements))
     return result

@@ -349,3 +349,51 @@ def test_self_check_keeps_every_group_of_a_clean_model(tmp_path: Path) -> None:
     checked = [(g.id, g.prunable) for g in analyze(path).solution.groups]
     assert plain == checked
     assert sum(p for _, p in checked) == 3
+
+
+# --- a real export: tf2onnx of keras Dense on feature maps, dynamic H and W ----------------------
+
+KERAS_TENSORDOT = Path(__file__).resolve().parent / "data" / "keras_tensordot_dynamic_op13.onnx"
+"""Made by ``tests/test_tf_exports.py``'s fixture code (``dense_on_maps``): conv 8 /2 same ->
+conv 6 /2 same -> depthwise 3x3 /2 same -> Dense 12 (a Tensordot: Shape, Gather, ReduceProd,
+Reshape, MatMul, Reshape to ``Concat(Shape[:3], [12])``) -> global pool -> Dense 4."""
+
+
+@pytest.mark.parametrize(
+    "hw,macs",
+    [
+        # by hand: conv1 H1*W1*8*27, conv2 H2*W2*6*72, depthwise H3*W3*6*9, Dense H3*W3*12*6, 4*12
+        ((16, 12), 8 * 6 * 8 * 27 + 4 * 3 * 6 * 72 + 2 * 2 * 6 * 9 + 2 * 2 * 12 * 6 + 48),
+        ((20, 20), 10 * 10 * 8 * 27 + 5 * 5 * 6 * 72 + 3 * 3 * 6 * 9 + 3 * 3 * 12 * 6 + 48),
+    ],
+)
+def test_keras_tensordot_export_is_complete_and_prunes(
+    hw: tuple[int, int], macs: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: ReduceProd stopped the shape arithmetic, the Dense MACs were silently missing and
+    the hidden Dense width unprunable. Now: exact MACs, the width (12) prunes, the run-time
+    Reshape target that holds it as a constant is corrected, verification passes."""
+    shape = f"input=1,{hw[0]},{hw[1]},3"
+    report = tmp_path / "report.json"
+    argv = ["analyze", str(KERAS_TENSORDOT), "--input-shape", shape, "--json", str(report)]
+    assert main(argv) == 0
+    assert "shapes unknown" not in capsys.readouterr().err
+    doc = json.loads(report.read_text())
+    assert doc["totals"]["complete"] is True and doc["totals"]["macs"] == macs
+    groups = sorted((g["channels"], g["prunable"]) for g in doc["groups"])
+    assert groups == [(3, False), (4, False), (6, True), (8, True), (12, True)]
+    mask = {
+        "format": "morphonnx.mask",
+        "version": 1,
+        "model_fingerprint": doc["model"]["fingerprint"],
+        "groups": {
+            g["id"]: [i % 2 == 0 for i in range(g["channels"])]
+            for g in doc["groups"]
+            if g["prunable"]
+        },
+    }
+    (tmp_path / "mask.json").write_text(json.dumps(mask))
+    out = tmp_path / "pruned.onnx"
+    argv = ["prune", str(KERAS_TENSORDOT), "--input-shape", shape]
+    assert main([*argv, "--mask", str(tmp_path / "mask.json"), "-o", str(out)]) == 0
+    assert "verification passed" in capsys.readouterr().out
