@@ -55,12 +55,15 @@ def _problem(a: Analysis, groups: Sequence[Group]) -> str | None:
     expected = a.shrunk_shapes(keep)
     model = onnx.ModelProto()
     model.CopyFrom(a.graph.model)  # weights are not in it (the loader left them on disk)
-    rewrite_nodes(a, model, expected, dead)
-    _slice_constants(a, model, dead)
+    try:
+        rewrite_nodes(a, model, expected, dead)
+        replaced = _slice_constants(a, model, dead)
+    except Exception as exc:  # a rewrite that cannot handle this graph: prune would fail too
+        return f"the rewrite raises {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     _sort_nodes(model)
     g = a.graph
     fixed = {name: list(g.shape(name) or ()) for name in g.inputs}
-    constants = {k: c for k, c in g.constants.items() if c.kind == "constant_node"}
+    constants = {k: c for k, c in g.constants.items() if k not in replaced}
     try:
         tensors = infer_tensor_shapes(g.path, model, fixed, constants)
     except MorphonnxError as exc:
@@ -81,10 +84,11 @@ def _problem(a: Analysis, groups: Sequence[Group]) -> str | None:
     return None
 
 
-def _slice_constants(a: Analysis, model: onnx.ModelProto, dead: np.ndarray) -> None:
+def _slice_constants(a: Analysis, model: onnx.ModelProto, dead: np.ndarray) -> set[str]:
     """Constants take their pruned shapes, as ``prune`` writes them: big initializers only their
     dims (shape inference declares them as typed inputs), float ones zeros (shape inference
-    needs no weight values), integer ones their sliced values."""
+    needs no weight values), integer ones their sliced values. Returns the constants written
+    as new initializers (their Constant / folded nodes are gone)."""
     inits = {t.name: t for t in model.graph.initializer}
     values = {}
     for name, cuts in dead_slices(a, dead).items():
@@ -104,6 +108,7 @@ def _slice_constants(a: Analysis, model: onnx.ModelProto, dead: np.ndarray) -> N
                 value = np.delete(value, idx, axis=axis)
             values[name] = value
     replace_constants(model, a, values)
+    return {name for name in values if name not in inits}
 
 
 def _sort_nodes(model: onnx.ModelProto) -> None:
