@@ -1,6 +1,7 @@
 """Per-op cost model with MorphNet's conventions: MACs, FLOPs, params, bytes, roofline latency.
 
-- ``macs``: multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (no bias); others are 0.
+- ``macs``: multiply-accumulates of the registry's weighted layers (Conv, ConvTranspose, Gemm,
+  MatMul; no bias); others are 0.
 - ``flops`` = 2 x ``macs``.
 - ``params``: elements of the op's floating-point constant inputs (weights, biases, norm
   parameters; shape vectors and indices are not parameters).
@@ -16,16 +17,12 @@ could infer is ``None`` (unknown), never 0: totals then say they are incomplete.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from morphonnx.devices import Device
 from morphonnx.graph import Graph, Node, Shape
-
-ShapeOf = Callable[[str], Shape | None]
-
-SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""Ops whose multiply-accumulates MorphNet counts."""
+from morphonnx.ops import ShapeOf, op_kind
 
 
 @dataclass
@@ -86,26 +83,23 @@ class Totals:
 
 
 def _numel(shape: Shape | None) -> int | None:
+    """Elements of a tensor; None when its shape is unknown (never 0)."""
     if shape is None or any(d < 0 for d in shape):
         return None
     return math.prod(shape)
 
 
 def node_macs(node: Node, shape_of: ShapeOf) -> int | None:
-    """MACs of one node from its shapes (0 for ops that are not Conv/ConvTranspose/Gemm/MatMul,
-    None when a shape it needs is unknown)."""
-    if not node.standard or node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
+    """MACs of one node from its shapes (0 for ops that are not weighted layers, None when a
+    shape it needs is unknown)."""
+    layer = op_kind(node).layer
+    if layer is None or len(node.inputs) < 2:
         return 0
     a, b = shape_of(node.inputs[0]), shape_of(node.inputs[1])
     y = shape_of(node.outputs[0])
-    if node.op_type == "ConvTranspose":
-        n, per = _numel(a), _numel(b[1:]) if b else None
-    elif node.op_type == "Conv":
-        n, per = _numel(y), _numel(b[1:]) if b else None
-    else:  # Gemm: M*N*K; MatMul: every output is a K-long dot product
-        k = None if not a else a[0] if node.op_type == "Gemm" and node.attr("transA", 0) else a[-1]
-        n, per = _numel(y), k if k is not None and k >= 0 else None
-    return None if n is None or per is None or _numel(a) is None else n * per
+    if a is None or b is None or y is None or any(_numel(s) is None for s in (a, b, y)):
+        return None
+    return layer.macs(node, a, b, y) if a else 0
 
 
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
