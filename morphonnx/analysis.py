@@ -68,14 +68,11 @@ def analyze(
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     devices: Sequence[Device] = (),
-    check_rewrites: bool = True,
 ) -> Analysis:
-    """Load, solve and cost ``path``. ``check_rewrites``: dry-run the rewrite of every group
-    found prunable (``selfcheck``), so that a group called prunable prunes."""
     graph = load_graph(path, batch=batch, input_shapes=input_shapes)
     solution = solve(graph)
     costs = op_costs(graph)
-    a = Analysis(
+    return Analysis(
         graph=graph,
         solution=solution,
         costs=costs,
@@ -83,11 +80,6 @@ def analyze(
         devices=list(devices),
         fingerprint=fingerprint(graph.model),
     )
-    if check_rewrites:
-        from morphonnx.selfcheck import self_check  # it rewrites with prune's code
-
-        self_check(a)
-    return a
 
 
 def unsupported_ops(a: Analysis) -> dict[str, int]:

@@ -18,10 +18,10 @@ from functools import cached_property
 from typing import Literal
 
 import numpy as np
-from onnx import numpy_helper
 
-from morphonnx.fold import FOLDS
-from morphonnx.graph import Graph, Node, Shape
+from morphonnx.graph import Graph
+from morphonnx.ir import Node, Shape
+from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
 
 Role = Literal["", "producer", "consumer", "gamma", "beta", "stat", "bias", "scale", "const"]
 """What a weight slice is to its channel: ``producer`` (a filter of the layer that makes the
@@ -99,19 +99,20 @@ class Channels:
         counts only: those are fixed by the weights, so it has this value in every run, and in
         the pruned model it may be written as a constant. None otherwise (it reads a batch or
         spatial dim, or is not such a computation)."""
-        exact = _evaluate(self.graph, tensor, lambda t, s: s, {})
+        exact = self._values(self.graph.shape).value(tensor)
         if exact is None or exact.dtype.kind not in "iu":
             return None
 
         live = self.live
 
-        def others_moved(t: str, shape: Shape) -> Shape:
-            if t not in live:  # a shape computation's own size (a pads list): fixed
-                return shape
+        def others_moved(t: str) -> Shape | None:
+            shape = self.graph.shape(t)
+            if t not in live or shape is None or any(d < 0 for d in shape):
+                return shape  # a shape computation's own size (pads) is fixed
             a = self.axis_of.get(t)
             return tuple(d if i == a else 2 * d + 3 for i, d in enumerate(shape))
 
-        moved = _evaluate(self.graph, tensor, others_moved, {})
+        moved = self._values(others_moved).value(tensor)
         return exact if moved is not None and np.array_equal(moved, exact) else None
 
     def run_time_values(self, tensor: str) -> list[np.ndarray] | None:
@@ -131,74 +132,17 @@ class Channels:
         ``moved``, also every dim of the computed tensors moved, to see which entries are fixed."""
         live = self.live
 
-        def shape_of(t: str, shape: Shape) -> Shape:
-            new = shapes(t) or shape
-            return tuple(2 * d + 3 for d in new) if moved and t in live else new
+        def shape_of(t: str) -> Shape | None:
+            shape = shapes(t)
+            if not moved or t not in live or shape is None or any(d < 0 for d in shape):
+                return shape
+            return tuple(2 * d + 3 for d in shape)
 
-        return _evaluate(self.graph, tensor, shape_of, {})
+        return self._values(shape_of).value(tensor)
 
-
-SHAPE_VALUE_LIMIT = 64
-"""Elements of a shape computation's value (shape vectors, bounds, sizes)."""
-
-
-def _evaluate(
-    graph: Graph,
-    tensor: str,
-    shape_of: Callable[[str, Shape], Shape],
-    memo: dict[str, np.ndarray | None],
-    depth: int = 0,
-) -> np.ndarray | None:
-    """``tensor``'s value from small constants and ``Shape`` / ``Size`` of tensors of known shape
-    (as ``shape_of`` reports them), through the ops constant folding knows (float steps included:
-    TF "same" padding divides in float and casts back)."""
-    if tensor not in memo:
-        memo[tensor] = _evaluate_node(graph, tensor, shape_of, memo, depth)
-    return memo[tensor]
-
-
-def _evaluate_node(
-    graph: Graph,
-    tensor: str,
-    shape_of: Callable[[str, Shape], Shape],
-    memo: dict[str, np.ndarray | None],
-    depth: int,
-) -> np.ndarray | None:
-    if graph.is_const(tensor):
-        v = graph.small_value(tensor, SHAPE_VALUE_LIMIT)
-        return v if v is not None and v.dtype.kind in "iubf" else None
-    node = graph.producer.get(tensor)
-    if node is None or not node.standard or depth > 64 or node.outputs[:1] != [tensor]:
-        return None
-    if node.op_type in ("Shape", "Size"):
-        x = node.inputs[0]
-        shape = graph.shape(x)
-        if shape is None or any(d < 0 for d in shape):
-            return None
-        dims = np.array(shape_of(x, shape), dtype=np.int64)
-        if node.op_type == "Size":
-            return np.array(np.prod(dims), dtype=np.int64)
-        return dims[node.attr("start", 0) : node.attr("end", None)]
-    if node.op_type == "ConstantOfShape":  # torch's pad vectors: zeros up to the full rank
-        size = _evaluate(graph, node.inputs[0], shape_of, memo, depth + 1)
-        fill = node.attr("value")
-        if size is None or fill is None or size.size != 1:
-            return None
-        value = numpy_helper.to_array(fill).reshape(-1)
-        if value.dtype.kind not in "iu" or not 0 <= int(size[0]) <= SHAPE_VALUE_LIMIT:
-            return None
-        return np.full(int(size[0]), value[0], dtype=value.dtype)
-    fold = FOLDS.get(node.op_type)
-    if fold is None:
-        return None
-    inputs = [_evaluate(graph, t, shape_of, memo, depth + 1) if t else None for t in node.inputs]
-    if any(v is None for t, v in zip(node.inputs, inputs, strict=True) if t):
-        return None
-    try:
-        value = np.asarray(fold(node, inputs))
-    except Exception:  # malformed: not a shape computation this can follow
-        return None
-    return value if value.dtype.kind in "iubf" and value.size <= SHAPE_VALUE_LIMIT else None
+    def _values(self, shape_of: Callable[[str], Shape | None]) -> ShapeValues:
+        g = self.graph
+        return ShapeValues(lambda t: g.small_value(t, SHAPE_VALUE_LIMIT), g.producer.get, shape_of)
 
 
 class RuleContext:

@@ -21,7 +21,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from morphonnx.devices import Device
-from morphonnx.graph import Graph, Node, Shape
+from morphonnx.graph import Graph
+from morphonnx.ir import Node, Shape
 from morphonnx.ops import ShapeOf, op_kind
 
 

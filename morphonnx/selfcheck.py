@@ -20,7 +20,7 @@ import onnx
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
 from morphonnx.groups import Group
-from morphonnx.load import SMALL_CONSTANT, infer_tensor_shapes
+from morphonnx.load.shapes import SMALL_CONSTANT, infer_tensor_shapes
 from morphonnx.prune import dead_slices, replace_constants, rewrite_nodes
 
 

@@ -29,7 +29,8 @@ from pattern_builders import (
 )
 from test_prune import prune_and_check, random_keep
 
-from morphonnx.analysis import Analysis, analyze
+from morphonnx.analysis import Analysis
+from morphonnx.api import analyze_file as analyze
 from morphonnx.cli import main
 from morphonnx.fold import FOLDS
 from morphonnx.graph import Node

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from morphonnx.channels import RuleContext
-from morphonnx.graph import Node, Shape
+from morphonnx.ir import Node, Shape
 from morphonnx.ops.common import mixes, mixing, passthrough
 from morphonnx.ops.kind import Layer, OpKind, numel
 
