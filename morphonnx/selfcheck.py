@@ -126,8 +126,8 @@ def _sort_nodes(model: onnx.ModelProto) -> None:
                 order.append(n)
             else:
                 rest.append(n)
-        if not rest and len(order) == len(model.graph.node) and order == list(model.graph.node):
-            return  # already in order (the common case)
+        if not rest and len(order) == len(waiting) == len(model.graph.node):
+            return  # one pass took every node in file order: already sorted (the common case)
         if len(rest) == len(waiting):
             order += rest
             break

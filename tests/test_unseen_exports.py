@@ -398,3 +398,19 @@ def test_keras_tensordot_export_is_complete_and_prunes(
     argv = ["prune", str(KERAS_TENSORDOT), "--input-shape", shape]
     assert main([*argv, "--mask", str(tmp_path / "mask.json"), "-o", str(out)]) == 0
     assert "verification passed" in capsys.readouterr().out
+
+
+def test_self_check_on_a_file_listing_nodes_out_of_order(tmp_path: Path) -> None:
+    """The dry run sorts the copy's nodes as the loader does: a file whose nodes are listed in
+    reverse keeps exactly the prunable groups of the sorted one."""
+    model = tf_same_conv_net(13, False, "float").model()
+    sorted_path = tmp_path / "sorted.onnx"
+    onnx.save(model, str(sorted_path))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    reversed_path = tmp_path / "reversed.onnx"
+    onnx.save(model, str(reversed_path))
+    want = sorted(g.channels for g in analyze(sorted_path).solution.groups if g.prunable)
+    got = sorted(g.channels for g in analyze(reversed_path).solution.groups if g.prunable)
+    assert got == want == [6, 8]
