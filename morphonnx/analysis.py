@@ -35,11 +35,13 @@ class Analysis:
         """Tensor shapes once the dead channels of ``mask`` are removed (for cost prediction)."""
         sol = self.solution
         dead = sol.dead_labels({k: list(v) for k, v in mask.items()})
+        slots = sol.channels.slots
+        lost = sol.lost(dead)
         new: dict[str, list[int]] = {}
-        for slot in sol.channels.slots:
-            kept = int((~dead[sol.slot_labels(slot)]).sum())
+        for i in np.flatnonzero(lost).tolist():  # only slots that lose channels
+            slot = slots[i]
             shape = new.setdefault(slot.tensor, list(self.graph.shape(slot.tensor) or ()))
-            shape[slot.axis] = kept
+            shape[slot.axis] = slot.size - int(lost[i])
 
         def shape_of(name: str) -> Shape | None:
             s = new.get(name)
@@ -119,6 +121,40 @@ def unsupported_ops(a: Analysis) -> dict[str, int]:
     return counts
 
 
+def unknown_from(a: Analysis) -> list[str]:
+    """Nodes where shapes stop being known: an output is unknown though every input is known (or
+    shape inference never got there: the first node with an unknown output)."""
+    g = a.graph
+    unknown = {c.name for c in a.costs if not c.known}
+    starts = [
+        n.name
+        for n in g.nodes
+        if n.name in unknown
+        and all(g.info(t).known for t in n.inputs if t)
+        and any(not g.info(t).known for t in n.outputs if t)
+    ]
+    return starts or [n.name for n in g.nodes if n.name in unknown][:1]
+
+
+def unknown_note(a: Analysis) -> str | None:
+    """One line for the terminal when some costs are unknown: from where, and which ops."""
+    if a.totals.complete:
+        return None
+    g = a.graph
+    starts = unknown_from(a)
+    where = ", ".join(f"`{n}` ({g.by_name[n].op_type})" for n in starts[:3])
+    more = f" and {len(starts) - 3} more" if len(starts) > 3 else ""
+    counts: dict[str, int] = {}
+    for name in a.totals.unknown:
+        op = g.by_name[name].op_type
+        counts[op] = counts.get(op, 0) + 1
+    ops = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+    return (
+        f"shapes unknown from node {where}{more} on: {len(a.totals.unknown)} ops have unknown "
+        f"costs ({ops}); totals are incomplete and the groups through them are unprunable"
+    )
+
+
 def report_json(a: Analysis) -> dict[str, Any]:
     """The ``analyze --json`` document (shape fixed by contracts.md)."""
     t = a.totals
@@ -130,6 +166,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
             "nodes": len(a.graph.nodes),
             "inputs": {n: list(a.graph.shape(n) or ()) for n in a.graph.inputs},
             "unsupported_ops": unsupported_ops(a),
+            "shapes_unknown_from": unknown_from(a) if not t.complete else [],
         },
         "totals": {
             "macs": t.macs,
@@ -137,6 +174,8 @@ def report_json(a: Analysis) -> dict[str, Any]:
             "params": t.params,
             "weight_bytes": t.weight_bytes,
             "latency_s": t.latency,
+            "complete": t.complete,
+            "unknown_ops": [{"name": n, "op_type": a.graph.by_name[n].op_type} for n in t.unknown],
         },
         "ops": [
             {

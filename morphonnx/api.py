@@ -35,11 +35,19 @@ def analyze_file(
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     devices: Sequence[Device | str] = DEFAULT_DEVICES,
+    check_rewrites: bool = True,
 ) -> Analysis:
     """Load, solve and cost a model; ``devices`` are :class:`Device` objects, built-in names or
-    ``.json`` / ``.toml`` profile paths."""
+    ``.json`` / ``.toml`` profile paths. ``check_rewrites``: dry-run the rewrite of every group
+    found prunable (``selfcheck``) and report those that fail unprunable, so that a group
+    called prunable prunes."""
+    from morphonnx.selfcheck import self_check
+
     resolved = resolve_devices(devices)
-    return analyze(path, batch=batch, input_shapes=input_shapes, devices=resolved)
+    a = analyze(path, batch=batch, input_shapes=input_shapes, devices=resolved)
+    if check_rewrites:
+        self_check(a)
+    return a
 
 
 def make_spec(model: Analysis | PathLike, **analyze_args: Any) -> dict[str, Any]:

@@ -130,6 +130,31 @@ class Channels:
         moved = self._values(others_moved).value(tensor)
         return exact if moved is not None and np.array_equal(moved, exact) else None
 
+    def run_time_values(self, tensor: str) -> list[np.ndarray] | None:
+        """A small integer tensor computed at run time from shapes (TF "same" pads from the input
+        size), at the analyzed shapes and with every dim of the computed tensors moved (batch,
+        spatial and channel counts): an entry equal in all of them does not follow the shapes.
+        None when it is not such a computation."""
+        values = [self.value_at(tensor, self.graph.shape, moved=m) for m in (False, True)]
+        if any(v is None or v.dtype.kind not in "iu" for v in values):
+            return None
+        return [v for v in values if v is not None]
+
+    def value_at(
+        self, tensor: str, shapes: Callable[[str], Shape | None], *, moved: bool = False
+    ) -> np.ndarray | None:
+        """A shape computation's value when tensors have ``shapes`` (the pruned model's); with
+        ``moved``, also every dim of the computed tensors moved, to see which entries are fixed."""
+        live = self.live
+
+        def shape_of(t: str) -> Shape | None:
+            shape = shapes(t)
+            if not moved or t not in live or shape is None or any(d < 0 for d in shape):
+                return shape
+            return tuple(2 * d + 3 for d in shape)
+
+        return self._values(shape_of).value(tensor)
+
     def _values(self, shape_of: Callable[[str], Shape | None]) -> ShapeValues:
         g = self.graph
         return ShapeValues(lambda t: g.small_value(t, SHAPE_VALUE_LIMIT), g.producer.get, shape_of)

@@ -183,11 +183,18 @@ def _analysis(args: argparse.Namespace) -> Any:
         input_shapes=dict(args.input_shape),
         devices=args.device or DEFAULT_DEVICES,
     )
-    _batch_note(args, a)
+    _notes(args, a)
     return a
 
 
-def _batch_note(args: argparse.Namespace, a: Any) -> None:
+def _notes(args: argparse.Namespace, a: Any) -> None:
+    """What the user should know about this analysis: a --batch that changed nothing, and shapes
+    that stay unknown (costs shown as unknown, totals incomplete)."""
+    from morphonnx.analysis import unknown_note
+
+    note = unknown_note(a)
+    if note is not None:
+        print(f"morphonnx: warning: {args.model}: {note}", file=sys.stderr)
     if args.batch != 1 and not a.graph.batch_used:
         print(
             f"morphonnx: note: --batch {args.batch} changes nothing: {literal(args.model)} has no "
@@ -324,7 +331,7 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
         print_verification(console, failed.verification)
         raise
     a = report.analysis
-    _batch_note(args, a)
+    _notes(args, a)
     if report.verification is not None:
         print_verification(console, report.verification)
     if report.fold is not None or report.deviation:

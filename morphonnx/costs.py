@@ -12,18 +12,20 @@
   profiles that give a peak per kind; nodes that only compute constants cost nothing.
 
 Costs are a function of tensor shapes only, so the costs of a pruned model can be predicted by
-running the same functions on the shrunk shapes (``shape_of``).
+running the same functions on the shrunk shapes (``shape_of``). A cost that needs a shape nobody
+could infer is ``None`` (unknown), never 0: totals then say they are incomplete.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from morphonnx.devices import Device, roofline_kind
 from morphonnx.graph import Graph
-from morphonnx.ir import Node
-from morphonnx.ops import ShapeOf, numel, op_kind
+from morphonnx.ir import Node, Shape
+from morphonnx.ops import ShapeOf, op_kind
 
 
 @dataclass
@@ -32,58 +34,84 @@ class OpCost:
 
     name: str
     op_type: str
-    macs: int
+    macs: int | None  # None: unknown (a shape it needs is unknown)
     params: int
-    bytes: int
-    elements: int  # activations read + written + weights, for devices that fix the element size
+    bytes: int | None
+    elements: int | None  # activations read + written + weights, for a fixed element size
     kind: str | None = None  # op kind for per-kind peaks (morphonnx.devices.OP_KINDS)
     channels: tuple[int, ...] = ()  # a conv's (input, output) channels, for aligned-width peaks
 
     @property
-    def flops(self) -> int:
-        return 2 * self.macs
+    def known(self) -> bool:
+        return self.macs is not None and self.bytes is not None
 
-    def nbytes(self, device: Device) -> int:
+    @property
+    def flops(self) -> int | None:
+        return None if self.macs is None else 2 * self.macs
+
+    def nbytes(self, device: Device) -> int | None:
         """Memory traffic on ``device``: dtype-sized, or ``elements x bytes_per_element``."""
-        if device.bytes_per_element is None:
+        if device.bytes_per_element is None or self.elements is None:
             return self.bytes
         return self.elements * device.bytes_per_element
 
-    def latency(self, device: Device) -> float:
-        """Roofline seconds on ``device`` (:meth:`Device.latency`); 0 for constant-only nodes."""
-        if not self.macs and not self.elements:
+    def latency(self, device: Device) -> float | None:
+        """Roofline seconds on ``device`` (:meth:`Device.latency`); 0 for constant-only nodes,
+        None when a shape it needs is unknown."""
+        if self.macs == 0 and self.elements == 0:
             return 0.0
-        return device.latency(self.flops, self.nbytes(device), self.kind, self.channels)
+        flops, nbytes = self.flops, self.nbytes(device)
+        if flops is None or nbytes is None:
+            return None
+        return device.latency(flops, nbytes, self.kind, self.channels)
 
-    def bound(self, device: Device) -> str:
+    def bound(self, device: Device) -> str | None:
         """``"compute"`` or ``"memory"``: which side of the roofline sets the latency."""
-        return device.bound(self.flops, self.nbytes(device), self.kind, self.channels)
+        flops, nbytes = self.flops, self.nbytes(device)
+        if flops is None or nbytes is None:
+            return None
+        return device.bound(flops, nbytes, self.kind, self.channels)
 
 
 @dataclass
 class Totals:
-    """Whole-model sums; each weight counts once in ``params``; ``latency`` is keyed by device."""
+    """Whole-model sums; each weight counts once in ``params``; ``latency`` is keyed by device.
+    ``unknown``: ops with an unknown cost; then ``latency`` is None, and ``macs`` too when one of
+    them is a Conv/ConvTranspose/Gemm/MatMul (incomplete totals are never shown as numbers)."""
 
-    macs: int
+    macs: int | None
     params: int
     weight_bytes: int
-    latency: dict[str, float] = field(default_factory=dict)
+    latency: dict[str, float | None] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
 
     @property
-    def flops(self) -> int:
-        return 2 * self.macs
+    def flops(self) -> int | None:
+        return None if self.macs is None else 2 * self.macs
+
+    @property
+    def complete(self) -> bool:
+        return not self.unknown
 
 
-def node_macs(node: Node, shape_of: ShapeOf) -> int:
-    """MACs of one node from its shapes (0 for ops that are not weighted layers)."""
+def _numel(shape: Shape | None) -> int | None:
+    """Elements of a tensor; None when its shape is unknown (never 0)."""
+    if shape is None or any(d < 0 for d in shape):
+        return None
+    return math.prod(shape)
+
+
+def node_macs(node: Node, shape_of: ShapeOf) -> int | None:
+    """MACs of one node from its shapes (0 for ops that are not weighted layers, None when a
+    shape it needs is unknown)."""
     layer = op_kind(node).layer
     if layer is None or len(node.inputs) < 2:
         return 0
     a, b = shape_of(node.inputs[0]), shape_of(node.inputs[1])
     y = shape_of(node.outputs[0])
-    if a is None or b is None or y is None or not a:
-        return 0
-    return layer.macs(node, a, b, y)
+    if a is None or b is None or y is None or any(_numel(s) is None for s in (a, b, y)):
+        return None
+    return layer.macs(node, a, b, y) if a else 0
 
 
 def node_roofline_kind(node: Node, shape_of: ShapeOf) -> str | None:
@@ -112,21 +140,22 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
         if all(graph.is_const(t) for t in node.outputs if t):
             result.append(OpCost(node.name, node.op_type, 0, 0, 0, 0))
             continue
-        params = elements = nbytes = 0
+        params = 0
+        elements: int | None = 0
+        nbytes: int | None = 0
         for t in dict.fromkeys(t for t in node.inputs if t):
             info = graph.info(t)
-            n = numel(shape(t))
+            n = _numel(shape(t))
             if graph.is_const(t):
                 if info.dtype is None or info.dtype.kind != "f":
                     continue
-                params += n
-            elements += n
-            nbytes += n * info.itemsize
+                params += n or 0  # constants have known shapes
+            elements, nbytes = _add(elements, n), _add(nbytes, n, info.itemsize)
         for t in node.outputs:
-            if t:
-                n = numel(shape(t))
-                elements += n
-                nbytes += n * graph.info(t).itemsize
+            n = _numel(shape(t)) if t else 0
+            if n is None and t not in graph.consumers and t not in graph.outputs:
+                continue  # an optional output nothing reads (Dropout's mask): not computed
+            elements, nbytes = _add(elements, n), _add(nbytes, n, graph.info(t).itemsize)
         macs = node_macs(node, shape)
         kind = node_roofline_kind(node, shape)
         channels = conv_channels(node, shape) if kind in ("conv", "depthwise") else ()
@@ -134,6 +163,10 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
             OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind, channels)
         )
     return result
+
+
+def _add(total: int | None, n: int | None, size: int = 1) -> int | None:
+    return None if total is None or n is None else total + n * size
 
 
 def weight_tensors(graph: Graph, stored: Collection[str] = ()) -> list[str]:
@@ -185,11 +218,18 @@ def totals(
     ``stored``: folded constants that count as stored weights (see :func:`weight_tensors`)."""
     shape = shape_of or graph.shape
     weights = weight_tensors(graph, stored)
-    params = sum(numel(shape(t)) for t in weights)
-    wbytes = sum(numel(shape(t)) * graph.info(t).itemsize for t in weights)
+    params = sum(_numel(shape(t)) or 0 for t in weights)
+    wbytes = sum((_numel(shape(t)) or 0) * graph.info(t).itemsize for t in weights)
+    unknown = [c.name for c in costs if not c.known]
+    macs = [c.macs for c in costs]
+    latency: dict[str, float | None] = {}
+    for d in devices:
+        each = [c.latency(d) for c in costs]
+        latency[d.name] = None if unknown else sum(x for x in each if x is not None)
     return Totals(
-        macs=sum(c.macs for c in costs),
+        macs=None if None in macs else sum(m for m in macs if m is not None),
         params=params,
         weight_bytes=wbytes,
-        latency={d.name: sum(c.latency(d) for c in costs) for d in devices},
+        latency=latency,
+        unknown=unknown,
     )

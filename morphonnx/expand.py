@@ -86,12 +86,19 @@ def cost(a: Analysis, widths: Mapping[str, int], target: str, device: Device | N
 
 
 def _pick(t: Totals, target: str, device: Device | None) -> float:
+    value: float | None
     if target == "flops":
-        return float(t.flops)
-    if target == "size":
-        return float(t.params)
-    assert device is not None
-    return t.latency[device.name]
+        value = t.flops
+    elif target == "size":
+        value = t.params
+    else:
+        assert device is not None
+        value = t.latency[device.name]
+    if value is None:
+        raise MorphonnxError(
+            f"the model's {target} cost is unknown (shapes unknown at {', '.join(t.unknown[:3])})"
+        )
+    return float(value)
 
 
 def expand(

@@ -123,6 +123,58 @@ def _unary(fn: Callable[[np.ndarray], np.ndarray]) -> Fold:
     return fold
 
 
+def _variadic(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Fold:
+    def fold(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+        values = [v for v in inputs if v is not None]
+        result = values[0]
+        for v in values[1:]:
+            result = np.asarray(fn(result, v)).astype(np.result_type(result, v))
+        return result
+
+    return fold
+
+
+def _compare(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Fold:
+    def fold(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+        a, b = inputs[0], inputs[1]
+        assert a is not None and b is not None
+        return np.asarray(fn(a, b), dtype=bool)
+
+    return fold
+
+
+def _mod(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    a, b = inputs[0], inputs[1]
+    assert a is not None and b is not None
+    fn = np.fmod if node.attr("fmod", 0) else np.mod  # fmod=0: the divisor's sign, like np.mod
+    return np.asarray(fn(a, b)).astype(np.result_type(a, b))
+
+
+def _where(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    c, a, b = inputs[0], inputs[1], inputs[2]
+    assert c is not None and a is not None and b is not None
+    return np.where(c.astype(bool), a, b).astype(np.result_type(a, b))
+
+
+def _reduce(fn: Callable[..., np.ndarray]) -> Fold:
+    def fold(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+        x = inputs[0]
+        assert x is not None
+        axes = _axes(node, inputs, max(x.ndim, 1))
+        if not axes and node.attr("noop_with_empty_axes", 0):
+            return x
+        keep = bool(node.attr("keepdims", 1))
+        return np.asarray(fn(x, axis=tuple(axes) or None, keepdims=keep)).astype(x.dtype)
+
+    return fold
+
+
+def _range(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
+    start, limit, delta = inputs[0], inputs[1], inputs[2]
+    assert start is not None and limit is not None and delta is not None
+    return np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
+
+
 FOLDS: dict[str, Fold] = {
     "Identity": _unary(lambda x: x),
     "Cast": _cast,
@@ -142,9 +194,31 @@ FOLDS: dict[str, Fold] = {
     "Sub": _binary(np.subtract),
     "Mul": _binary(np.multiply),
     "Div": _binary(np.divide),
+    "Ceil": _unary(np.ceil),
+    "Floor": _unary(np.floor),
+    "Round": _unary(np.round),  # half to even, as ONNX
+    "Relu": _unary(lambda x: np.maximum(x, 0)),
+    "Not": _unary(np.logical_not),
+    "Max": _variadic(np.maximum),
+    "Min": _variadic(np.minimum),
+    "Mod": _mod,
+    "Equal": _compare(np.equal),
+    "Less": _compare(np.less),
+    "LessOrEqual": _compare(np.less_equal),
+    "Greater": _compare(np.greater),
+    "GreaterOrEqual": _compare(np.greater_equal),
+    "And": _compare(np.logical_and),
+    "Or": _compare(np.logical_or),
+    "Where": _where,
+    "ReduceProd": _reduce(np.prod),
+    "ReduceSum": _reduce(np.sum),
+    "ReduceMax": _reduce(np.max),
+    "ReduceMin": _reduce(np.min),
+    "Range": _range,
 }
 """Ops folded when every input is constant: shape views, the arithmetic of BN decompositions, and
-the integer ops exporters use to compute Reshape targets from ``Shape``."""
+the ops exporters use to compute Reshape targets, pads and sizes from ``Shape`` (TF "same" padding:
+Cast to float, Div, Ceil, Max; keras ``Tensordot``: ReduceProd)."""
 
 
 def constant_of_shape(node: Node, shape: Shape) -> np.ndarray:

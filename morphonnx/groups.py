@@ -108,6 +108,14 @@ class Solution:
         """Indices along ``slot`` that survive when classes ``dead`` (bool per label) die."""
         return np.flatnonzero(~dead[self.slot_labels(slot)])
 
+    def lost(self, dead: np.ndarray) -> np.ndarray:
+        """How many variables of each slot die when classes ``dead`` (bool per label) die."""
+        slots = self.channels.slots
+        ends = np.concatenate([[0], np.cumsum(dead[self.labels])])
+        base = np.array([s.base for s in slots], dtype=np.int64)
+        size = np.array([s.size for s in slots], dtype=np.int64)
+        return ends[base + size] - ends[base]
+
     def dead_labels(self, mask: dict[str, list[bool]]) -> np.ndarray:
         dead = np.zeros(self.channels.n_vars, dtype=bool)
         for g in self.groups:

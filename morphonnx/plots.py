@@ -90,8 +90,10 @@ def plot_widths(layers: Sequence[Mapping[str, Any]], title: str, path: str) -> N
 def plot_roofline(a: Analysis, device: Device, path: str) -> None:
     """Predicted time of every costed node in graph order, coloured by which roof bounds it."""
     plt = pyplot(path)
-    costs = [c for c in a.costs if c.latency(device) > 0]
-    times = [c.latency(device) * 1e6 for c in costs]
+    seconds = [(c, c.latency(device)) for c in a.costs]
+    known = [(c, t) for c, t in seconds if t is not None and t > 0]  # unknown ones are not drawn
+    costs = [c for c, _ in known]
+    times = [t * 1e6 for _, t in known]
     colors = ["#d62728" if c.bound(device) == "compute" else "#1f77b4" for c in costs]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.08 * len(costs) + 2), 4))
     ax.bar(range(len(costs)), times, color=colors, width=1.0)

@@ -142,5 +142,12 @@ def profile(a: Analysis, device: Device, config: RunConfig) -> Profile:
         time_runs(sess, feeds, config.warmup, config.repeats)
         trace = json.loads(Path(sess.end_profiling()).read_text())
     measured, run = kernel_times(trace, config.warmup)
-    nodes = [NodeTime(c.name, c.op_type, measured.get(c.name), c.latency(device)) for c in a.costs]
+    if not a.totals.complete:
+        raise MorphonnxError(
+            f"{a.graph.path}: cannot predict every node's time (costs unknown for "
+            f"{', '.join(a.totals.unknown[:3])}): profile needs every shape known"
+        )
+    nodes = [
+        NodeTime(c.name, c.op_type, measured.get(c.name), c.latency(device) or 0.0) for c in a.costs
+    ]
     return Profile(device, nodes, run, config)

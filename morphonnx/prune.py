@@ -37,15 +37,12 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Above this many weight bytes the pruned model is saved with external data (protobuf's 2 GB)."""
 
 
-def sliced_constants(
-    a: Analysis,
-    dead: np.ndarray,
-    transform: Callable[[np.ndarray, int, np.ndarray, str], np.ndarray],
-    roles: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx,
-    name)``; constants computed from one that changes keep their old values. With ``roles``,
-    only the weights of those roles, each with its own dead labels."""
+def dead_slices(
+    a: Analysis, dead: np.ndarray, roles: Mapping[str, np.ndarray] | None = None
+) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every constant that changes: its (axis, dead indices) cuts (none for a copy that keeps
+    the old values of a source that changes). With ``roles``, only the weights of those roles,
+    each with its own dead labels."""
     sol = a.solution
     per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for slot in sol.channels.slots:
@@ -56,9 +53,21 @@ def sliced_constants(
         if len(dead_idx):
             per_tensor.setdefault(slot.tensor, []).append((slot.axis, dead_idx))
     for name in a.graph.materialized_copies(per_tensor):
-        per_tensor.setdefault(name, [])  # its source changes: it keeps the old values
+        per_tensor.setdefault(name, [])  # its source changes: the copy keeps the old values
+    return per_tensor
+
+
+def sliced_constants(
+    a: Analysis,
+    dead: np.ndarray,
+    transform: Callable[[np.ndarray, int, np.ndarray, str], np.ndarray],
+    roles: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """New values of every constant with a dead slice: ``transform(value, axis, dead_idx,
+    name)``; constants computed from one that changes keep their old values. With ``roles``,
+    only the weights of those roles, each with its own dead labels."""
     result = {}
-    for name, cuts in per_tensor.items():
+    for name, cuts in dead_slices(a, dead, roles).items():
         value = a.graph.value(name)
         for axis, dead_idx in cuts:
             value = transform(value, axis, dead_idx, name)
@@ -142,13 +151,9 @@ def sync_ir3_inputs(model: onnx.ModelProto) -> None:
         model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
-def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
-    """The pruned model, built on a fresh read of the analysed file, so the analysis stays whole
-    (verification and cost prediction still read it). Weights stay on disk until the end: the
-    sliced ones are read from the mapped file and only the untouched ones are ever copied."""
+def kept_channels(a: Analysis, dead: np.ndarray) -> Callable[[str], np.ndarray | None]:
+    """Surviving indices along a tensor's channel axis when the classes ``dead`` die."""
     sol = a.solution
-    dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
-    values = sliced_constants(a, dead, lambda v, axis, idx, _: np.delete(v, idx, axis=axis))
 
     def kept(tensor: str) -> np.ndarray | None:
         axis = sol.channels.axis_of.get(tensor)
@@ -156,7 +161,47 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
             return None
         return sol.kept(sol.channels.by_key[(tensor, axis)], dead)
 
+    return kept
+
+
+def rewrite_nodes(
+    a: Analysis,
+    model: onnx.ModelProto,
+    new_shape: ShapeOf,
+    kept: Callable[[str], np.ndarray | None],
+) -> None:
+    """Run every node's rewrite on ``model``: a fresh read of the analysed file, or a weight-free
+    copy with the same nodes in the same order (``selfcheck``). Nodes get the names the analysis
+    knows them by; nodes a rewrite adds go right before the node that needs them.
+    ``kept``: surviving indices along a tensor's channel axis (:func:`kept_channels`)."""
+    protos = list(model.graph.node)
+    inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    for node in a.graph.nodes:
+        rewrite = op_kind(node).rewrite
+        if rewrite is not None:
+            proto = protos[node.index]
+            ctx = RewriteContext(node, proto, model, a.graph, a.solution.channels, new_shape, kept)
+            rewrite(ctx)
+            inserted += [(new, proto) for new in ctx.inserted]
+    name_nodes(model, a)
+    if inserted:
+        before: dict[int, list[onnx.NodeProto]] = {}
+        for new, at in inserted:
+            before.setdefault(id(at), []).append(new)
+        order = [n for p in protos for n in [*before.get(id(p), []), p]]
+        del model.graph.node[:]
+        model.graph.node.extend(order)
+
+
+def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
+    """The pruned model, built on a fresh read of the analysed file, so the analysis stays whole
+    (verification and cost prediction still read it). Weights stay on disk until the end: the
+    sliced ones are read from the mapped file and only the untouched ones are ever copied."""
+    sol = a.solution
+    dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
+    values = sliced_constants(a, dead, lambda v, axis, idx, _: np.delete(v, idx, axis=axis))
     changed = {s.tensor for s in sol.channels.slots if dead[sol.slot_labels(s)].any()}
+    kept = kept_channels(a, dead)
     return rewrite_model(a, a.shrunk_shapes(keep), values, kept, changed)
 
 
@@ -177,14 +222,7 @@ def rewrite_model(
         name_nodes(model, a)
         lazy.restore(model)
         return model
-    protos = list(model.graph.node)
-    for node in a.graph.nodes:
-        rewrite = op_kind(node).rewrite
-        if rewrite is not None:
-            proto = protos[node.index]
-            ctx = RewriteContext(node, proto, model, a.graph, a.solution.channels, new_shape, kept)
-            rewrite(ctx)
-    name_nodes(model, a)
+    rewrite_nodes(a, model, new_shape, kept)
     replace_constants(model, a, values)
     # stale shapes of every tensor that changed, constants from Constant / folded nodes too
     vis = [v for v in model.graph.value_info if v.name not in changed]

@@ -37,15 +37,23 @@ class LiteralConsole(Console):
         return super().render_str(literal(text), **kwargs)  # type: ignore[arg-type]
 
 
-def si(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23 M' (SI prefixes, three significant digits)."""
+UNKNOWN = "?"
+"""How a cost that cannot be computed (a shape is unknown) is printed: never as 0."""
+
+
+def si(n: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (SI prefixes, three significant digits); None -> '?'."""
+    if n is None:
+        return UNKNOWN
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= factor:
             return f"{n / factor:.3g} {prefix}{unit}"
     return f"{n:.3g} {unit}".rstrip() if isinstance(n, float) else f"{n} {unit}".rstrip()
 
 
-def seconds(s: float) -> str:
+def seconds(s: float | None) -> str:
+    if s is None:
+        return UNKNOWN
     for factor, unit in ((1, "s"), (1e-3, "ms"), (1e-6, "µs")):
         if s >= factor:
             return f"{s / factor:.3g} {unit}"
@@ -59,17 +67,22 @@ def totals_table(
     t.add_column("")
     for name, _ in rows:
         t.add_column(name, justify="right")
-    t.add_row("MACs", *[f"{x.macs:,}" for _, x in rows])
+    t.add_row("MACs", *[UNKNOWN if x.macs is None else f"{x.macs:,}" for _, x in rows])
     t.add_row("FLOPs", *[si(x.flops) for _, x in rows])
     t.add_row("params", *[f"{x.params:,}" for _, x in rows])
     t.add_row("weight bytes", *[si(x.weight_bytes, "B") for _, x in rows])
     for d in devices:
-        t.add_row(f"latency {d.name}", *[seconds(x.latency.get(d.name, 0.0)) for _, x in rows])
+        t.add_row(f"latency {d.name}", *[seconds(x.latency.get(d.name)) for _, x in rows])
+    if any(not x.complete for _, x in rows):
+        t.caption = f"{UNKNOWN}: unknown; totals incomplete"
     return t
 
 
 def top_table(costs: Sequence[OpCost], devices: Sequence[Device], k: int) -> Table:
-    key = (lambda c: c.latency(devices[0])) if devices else (lambda c: c.flops)
+    def key(c: OpCost) -> float:
+        value = c.latency(devices[0]) if devices else c.flops
+        return -1.0 if value is None else value  # unknown costs last
+
     t = Table(title=f"Top {k} layers by {'latency on ' + devices[0].name if devices else 'FLOPs'}")
     for col in ("node", "op", "FLOPs", "params", "bytes"):
         t.add_column(col, justify="left" if col in ("node", "op") else "right")
@@ -82,7 +95,7 @@ def top_table(costs: Sequence[OpCost], devices: Sequence[Device], k: int) -> Tab
             si(c.flops),
             f"{c.params:,}",
             si(c.bytes, "B"),
-            *[f"{seconds(c.latency(d))} ({c.bound(d)})" for d in devices],
+            *[f"{seconds(c.latency(d))} ({c.bound(d) or UNKNOWN})" for d in devices],
         )
     return t
 

@@ -78,6 +78,8 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
         w_elems = int(np.prod(w_shape))
         depthwise = layer.depthwise(node, w_shape)
         macs = node_macs(node, g.shape)
+        if macs is None:
+            continue  # shapes unknown: the spec's totals list it among the unknown ops
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
         bias_elems = int(np.prod(g.shape(bias) or ())) if bias and g.is_const(bias) else 0
         x_elems = int(np.prod(g.shape(x) or ()))
@@ -136,7 +138,13 @@ def build_spec(a: Analysis) -> dict[str, Any]:
             "path": str(a.graph.path),
             "inputs": {n: list(a.graph.shape(n) or ()) for n in a.graph.inputs},
         },
-        "totals": {"macs": a.totals.macs, "flops": a.totals.flops, "params": a.totals.params},
+        "totals": {
+            "macs": a.totals.macs,
+            "flops": a.totals.flops,
+            "params": a.totals.params,
+            "complete": a.totals.complete,
+            "unknown_ops": a.totals.unknown,
+        },
         "groups": groups,
         "costs": cost_terms(a),
     }

@@ -10,7 +10,7 @@ an intermediate tensor is off by half.
 from __future__ import annotations
 
 import math
-import os
+import re
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +31,18 @@ RTOL = 1e-4
 """Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
 TINY = 1e-30
 """Slack for exact zeros and denormals (which runtimes may flush); everything else is relative."""
+
+
+class RuntimeFailure(MorphonnxError):
+    """onnxruntime could not load or run a model: a verification failure naming the node (and,
+    outside verification, a one-line error)."""
+
+    @classmethod
+    def of(cls, model: str, exc: Exception) -> RuntimeFailure:
+        text = " ".join(str(exc).split())
+        found = re.search(r"[Nn]ame:\s*'([^']*)'", text) or re.search(r"Node \(([^)]*)\)", text)
+        where = f" at node `{found.group(1)}`" if found else ""
+        return cls(f"onnxruntime fails on the {model} model{where}: {text[:300]}")
 
 
 @dataclass
@@ -114,7 +126,6 @@ def run_all(
     folder: Path,
     name: str,
     base_dir: Path | None = None,
-    shown: str | os.PathLike[str] = "",
 ) -> dict[str, np.ndarray]:
     """Run ``model`` with every node output exposed (graph optimizations off, so every tensor is
     the one the graph names). Weights ``model`` still keeps in external data are read from
@@ -142,16 +153,15 @@ def run_all(
     ort.set_default_logger_severity(3)  # errors come back as exceptions, not log lines
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its failures come back as RuntimeFailure, not on stderr
+    run_opts = ort.RunOptions()
+    run_opts.log_severity_level = 4
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        values = dict(zip(names, sess.run(names, dict(feeds)), strict=True))
-    except Exception as exc:  # onnxruntime raises its own types for a model it cannot run
-        flat = " ".join(str(exc).replace(str(folder), "").split())
-        raise MorphonnxError(
-            f"{shown or name}: onnxruntime cannot run the {name} model ({flat[:300]})"
-        ) from None
+        values = dict(zip(names, sess.run(names, dict(feeds), run_opts), strict=True))
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise RuntimeFailure.of(name, exc) from None
     # in graph order, so the first failure of a comparison is where the models start to differ
     order = [t for n in m.graph.node for t in n.output if t in values]
     return {t: values[t] for t in dict.fromkeys(order + names)}
@@ -243,10 +253,13 @@ def verify(
     feeds = random_feeds(a, seed)
     with tempfile.TemporaryDirectory(prefix="morphonnx-verify-") as tmp:
         folder = Path(tmp)
-        ref = run_all(reference, feeds, folder, "reference", shown=a.graph.path)
-        # a pruned model not saved yet still reads untouched weights from the input's data file
-        base = a.graph.path.absolute().parent
-        got = run_all(pruned, feeds, folder, "pruned", base_dir=base, shown=a.graph.path)
+        try:
+            ref = run_all(reference, feeds, folder, "reference")
+            # a pruned model not saved yet still reads untouched weights from the input's data file
+            base = a.graph.path.absolute().parent
+            got = run_all(pruned, feeds, folder, "pruned", base_dir=base)
+        except RuntimeFailure as exc:
+            return Verification(failures=[str(exc)])
     # shape computations inside the model follow the new widths; graph outputs are compared
     # always (build_channels stopped the groups whose removal would change one)
     skip = shape_derived(reference.graph) - {o.name for o in reference.graph.output}

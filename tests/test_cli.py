@@ -41,8 +41,8 @@ CONTRACT = {
 }
 EXTRA = {
     "top": set(),
-    "model": {"inputs", "unsupported_ops"},
-    "totals": {"weight_bytes"},
+    "model": {"inputs", "unsupported_ops", "shapes_unknown_from"},
+    "totals": {"weight_bytes", "complete", "unknown_ops"},
     "op": {"bound"},
 }
 EXTRA["group"] = {"producers"}

@@ -441,7 +441,15 @@ def _make_fixtures(out: Path) -> None:  # pragma: no cover
         y = block(block(y, 24, 8), 24, 8)
         return keras.Model(x, layers.Dense(5)(layers.GlobalAveragePooling2D()(y)))
 
-    def export(model: Any, size: int, opset: int, name: str) -> None:
+    def dense_on_maps() -> Any:  # dynamic H, W; Dense on a 4-D tensor: keras Tensordot
+        x = keras.Input((None, None, 3), name="img")
+        y = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+        y = layers.Conv2D(6, 3, strides=2, padding="same", activation="relu")(y)
+        y = layers.DepthwiseConv2D(3, strides=2, padding="same")(y)
+        y = layers.Dense(12, activation="relu")(y)
+        return keras.Model(x, layers.Dense(4)(layers.GlobalAveragePooling2D()(y)))
+
+    def export(model: Any, size: int | None, opset: int, name: str) -> None:
         spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="input"),)
         tf2onnx.convert.from_keras(
             model, input_signature=spec, opset=opset, output_path=str(out / name)
@@ -451,6 +459,7 @@ def _make_fixtures(out: Path) -> None:  # pragma: no cover
     export(custom(), 32, 13, "keras_custom_op13.onnx")
     export(zoo(), 32, 17, "keras_zoo_op17.onnx")
     export(upsample(), 16, 13, "keras_upsample_op13.onnx")
+    export(dense_on_maps(), None, 13, "keras_tensordot_dynamic_op13.onnx")
     m = invres()
     export(m, 16, 13, "keras_invres_init_op13.onnx")
     rng = np.random.default_rng(0)

@@ -17,10 +17,11 @@ Macs = Callable[[Node, Shape, Shape, Shape], int]
 """MACs from the shapes of input 0, the weight and output 0 (no bias)."""
 
 
-def numel(shape: Shape | None) -> int:
-    """Elements of a tensor of known shape; 0 otherwise."""
-    if shape is None or any(d < 0 for d in shape):
-        return 0
+def numel(shape: Shape) -> int:
+    """Elements of a tensor of known shape (an unknown size is never 0: ``costs`` calls the
+    MACs functions only with known shapes)."""
+    if any(d < 0 for d in shape):
+        raise ValueError(f"numel of a shape with unknown dims {shape}")
     return math.prod(shape)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from morphonnx.channels import RuleContext
 from morphonnx.ops.common import follows_input, mixes, mixing, passthrough
@@ -91,7 +92,8 @@ def reshape_target(ctx: RewriteContext) -> None:
     else:
         value = ctx.const_input(1)
         if value is None:
-            return  # computed at run time from Shape ops, follows the pruned shapes by itself
+            _computed_target(ctx)
+            return
         target = value.astype(np.int64).copy()
     new = ctx.shape(out)
     for i, (old_d, new_d) in enumerate(zip(ctx.old_shape(out), new, strict=True)):
@@ -101,6 +103,42 @@ def reshape_target(ctx: RewriteContext) -> None:
         ctx.set_attr("shape", target.tolist())
     else:
         ctx.set_const_input(1, target)
+
+
+def _computed_target(ctx: RewriteContext) -> None:
+    """A target computed at run time follows the pruned shapes where it reads them (``Shape`` of
+    the input), not where it holds a channel count as a constant (keras ``Tensordot``:
+    ``Concat(Gather(Shape(x)), [4C])``, paddle heads: ``[Shape(x)[0], C]``). Entries that come
+    out wrong at the pruned shapes and are constant (the same when every run-time dim moves) get
+    the difference added, by an ``Add`` inserted before the Reshape."""
+    x, target, out = ctx.node.inputs[0], ctx.proto.input[1], ctx.node.outputs[0]
+    value = ctx.channels.value_at(target, ctx.new_shape)
+    moved = ctx.channels.value_at(target, ctx.new_shape, moved=True)
+    if value is None or moved is None or value.dtype.kind not in "iu":
+        return  # not evaluable: analyze's dry run reports the group
+    value, moved = value.reshape(-1).astype(np.int64), moved.reshape(-1)
+    want = ctx.shape(out)
+    got = reshaped(ctx.shape(x), value, bool(ctx.node.attr("allowzero", 0)))
+    if got == want:
+        return
+    delta = np.zeros_like(value)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if g != w and value[i] > 0 and moved[i] == value[i]:
+            delta[i] = w - value[i]
+    if delta.any():
+        name = f"{ctx.node.name}__pruned_target"
+        ctx.model.graph.initializer.append(numpy_helper.from_array(delta, f"{name}_delta"))
+        ctx.insert(helper.make_node("Add", [target, f"{name}_delta"], [name], name=f"{name}_add"))
+        ctx.proto.input[1] = name
+
+
+def reshaped(shape: tuple[int, ...], target: np.ndarray, allowzero: bool) -> tuple[int, ...]:
+    """The output shape of ``Reshape(x of shape, target)``."""
+    dims = [shape[i] if d == 0 and not allowzero else int(d) for i, d in enumerate(target)]
+    if -1 in dims:
+        rest = math.prod(d for d in dims if d != -1)
+        dims[dims.index(-1)] = math.prod(shape) // rest if rest else 0
+    return tuple(dims)
 
 
 def resize_sizes(ctx: RewriteContext) -> None:

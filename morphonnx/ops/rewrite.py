@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ class RewriteContext:
     channels: Channels
     new_shape: Callable[[str], Shape | None]
     kept: Callable[[str], np.ndarray | None]
+    inserted: list[onnx.NodeProto] = field(default_factory=list)  # new nodes before this one
 
     def old_shape(self, tensor: str) -> tuple[int, ...]:
         s = self.graph.shape(tensor)
@@ -57,12 +58,21 @@ class RewriteContext:
         return value
 
     def set_const_input(self, i: int, value: np.ndarray) -> None:
-        """Point input ``i`` at a new initializer (the old constant may be shared)."""
+        """Point input ``i`` at a new initializer (the old constant may be shared), of the old
+        input's dtype (jax2tf writes int32 Slice bounds: a Slice may not mix int32 and int64)."""
         name = f"{self.node.name}__pruned_in{i}"
+        old = self.proto.input[i] if i < len(self.proto.input) else ""
+        dtype = self.graph.info(old).dtype if old else None
+        if dtype is not None and dtype.kind in "iu":
+            value = value.astype(dtype)
         self.model.graph.initializer.append(numpy_helper.from_array(value, name))
         while len(self.proto.input) <= i:
             self.proto.input.append("")
         self.proto.input[i] = name
+
+    def insert(self, node: onnx.NodeProto) -> None:
+        """Add ``node`` to the model, right before this node (it computes one of its inputs)."""
+        self.inserted.append(node)
 
     def set_attr(self, name: str, value: Any) -> None:
         for k, a in enumerate(self.proto.attribute):

@@ -109,17 +109,22 @@ def gather(ctx: RuleContext, x: str, a: int) -> None:
 @follows_input
 def pad(ctx: RuleContext, x: str, a: int) -> None:
     """Pad passes channels on unless it pads the channel axis (torch's ``F.pad`` computes the
-    full pads vector from the list it is given: read like constants)."""
+    full pads vector from the list it is given: read like constants; TF "same" padding computes
+    it from the input size at run time: its channel entries must be 0 whatever the shapes)."""
     pads = ints(ctx, "pads", 1, True)
     rank = ctx.rank(x)
     axes = ints(ctx, "axes", 3) if len(ctx.inputs) > 3 else None
     axes = [v % rank for v in axes] if axes else list(range(rank))
-    if pads is None:
+    variants = [pads] if pads is not None else None
+    if variants is None and ctx.input(1):
+        found = ctx.ch.run_time_values(ctx.input(1))
+        variants = [v.reshape(-1).tolist() for v in found] if found is not None else None
+    if variants is None:
         mixes(ctx, "pads by amounts computed at run time")
         return
     if a in axes:
         k = axes.index(a)
-        if pads[k] or pads[k + len(axes)]:
+        if any(p[k] or p[k + len(axes)] for p in variants):
             mixes(ctx, "pads the channel axis")
             return
     passthrough(ctx, a)
