@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from morphonnx.channels import Channels, Slot
+from morphonnx.graph import Graph
 from morphonnx.ir import Node, Shape
 from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
 
@@ -40,6 +41,16 @@ def stop_unverifiable(ch: Channels) -> None:
                     f"`{t}` is read by {node.op_type} at node `{node.name}`, which computes a "
                     "value from constants only that pruning would change",
                 )
+    for output in graph.outputs:  # a graph output folded from weights (ReduceSum(gamma) folded)
+        producer = graph.producer.get(output)
+        by = f" ({producer.op_type} at node `{producer.name}`)" if producer is not None else ""
+        for t in _folded_sources(graph, output):
+            for slot in slots.get(t, []):
+                ch.stop(
+                    slot.vars,
+                    f"graph output `{output}` is computed from `{t}` alone{by}, a value pruning "
+                    "would change",
+                )
     for output, shape_node in _shape_reads_of_outputs(graph.nodes, graph.outputs, graph.is_const):
         x = shape_node.inputs[0]
         axis = ch.axis_of.get(x)
@@ -50,6 +61,23 @@ def stop_unverifiable(ch: Channels) -> None:
             f"graph output `{output}` is computed from the width of `{x}` "
             f"({shape_node.op_type} at node `{shape_node.name}`)",
         )
+
+
+def _folded_sources(graph: Graph, name: str) -> list[str]:
+    """The constants a folded constant ``name`` is computed from, transitively (none for a
+    tensor that is not a folded constant)."""
+    found: list[str] = []
+    stack = [name]
+    while stack:
+        t = stack.pop()
+        c = graph.constants.get(t)
+        if c is None or t in found:
+            continue
+        found.append(t)
+        producer = graph.by_name.get(c.node or "") if c.kind == "folded" else None
+        if producer is not None:
+            stack.extend(i for i in producer.inputs if i)
+    return found if graph.constants.get(name) is not None else []
 
 
 def _depends_on_width(ch: Channels, output: str, x: str, axis: int) -> bool:
