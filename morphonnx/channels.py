@@ -53,6 +53,7 @@ class Channels:
     ties_a: list[np.ndarray] = field(default_factory=list)
     ties_b: list[np.ndarray] = field(default_factory=list)
     stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    zero_memo: dict[str, bool] = field(default_factory=dict)  # blocks.zero_when_dead
 
     def slot_for(self, tensor: str, axis: int, *, const: bool, role: str = "") -> Slot:
         key = (tensor, axis)

@@ -24,6 +24,7 @@ from morphonnx.costs import SOURCE_OPS, ShapeOf
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import atomic_write
 from morphonnx.graph import Node
+from morphonnx.load import SAME_SHAPE_WITHOUT_INFERENCE
 from morphonnx.rules import rule_for
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -194,6 +195,14 @@ def _expand_shape(ctx: RewriteContext) -> None:
     ctx.set_const_input(1, target)
 
 
+def _group_norm_groups(ctx: RewriteContext) -> None:
+    """Whole groups are removed: ``num_groups`` follows the width at the group size."""
+    x = ctx.node.inputs[0]
+    if ctx.changed(x):
+        size = ctx.old_shape(x)[1] // int(ctx.node.attr("num_groups", 1))
+        ctx.set_attr("num_groups", ctx.shape(x)[1] // size)
+
+
 REWRITES: dict[str, Callable[[RewriteContext], None]] = {
     "conv_group": _conv_group,
     "reshape_target": _reshape_target,
@@ -201,6 +210,7 @@ REWRITES: dict[str, Callable[[RewriteContext], None]] = {
     "slice_bounds": _slice_bounds,
     "resize_sizes": _resize_sizes,
     "expand_shape": _expand_shape,
+    "group_norm_groups": _group_norm_groups,
 }
 
 
@@ -421,7 +431,10 @@ def _internalize(model: onnx.ModelProto, base_dir: Path) -> None:
 def check_pruned(path: Path, shown: str) -> None:
     """``onnx.checker`` with strict shape inference (where every op has a schema)."""
     model = onnx.load(str(path), load_external_data=False)
-    full = all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    full = all(
+        n.domain in ("", "ai.onnx") and n.op_type not in SAME_SHAPE_WITHOUT_INFERENCE
+        for n in model.graph.node
+    )
     try:
         onnx.checker.check_model(str(path), full_check=full)
     except Exception as exc:

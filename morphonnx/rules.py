@@ -18,6 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from morphonnx.blocks import (
+    group_norm,
+    matmul_activations,
+    split_map,
+    split_reshape,
+    weight_chain,
+)
 from morphonnx.channels import Channels, RuleContext, Slot
 
 ChannelRule = Callable[[RuleContext], None]
@@ -174,16 +181,29 @@ def conv(ctx: RuleContext) -> None:
     axis 1. Depthwise: input channel i feeds outputs i*m..i*m+m-1. Grouped: channel p of every
     group is tied, so groups keep equal sizes."""
     x, w, b = ctx.input(0), ctx.input(1), ctx.input(2)
-    if not ctx.is_const(w):
+    chain = None if ctx.is_const(w) else weight_chain(ctx, w)
+    if not ctx.is_const(w) and chain is None:
         _mixes(ctx, f"takes its weights `{w}` from a computed tensor")
         return
     g = int(ctx.node.attr("group", 1))
     cout, cin_g = ctx.shape(w)[0], ctx.shape(w)[1]
     y = ctx.out(ctx.outputs[0], 1)
-    ctx.same(y, ctx.weight(w, 0, "producer"))
     if b:
         ctx.same(y, ctx.weight(b, 0, "bias"))
     xs = ctx.channels_of(x, 1)
+    if chain is not None:  # computed filter by filter (weight standardization)
+        tensors, consts, over_inputs = chain
+        for t in tensors:
+            ctx.same(y, ctx.out(t, 0))
+        for t in consts:
+            ctx.same(y, ctx.weight(t, 0, "producer" if ctx.shape(t) == ctx.shape(w) else "scale"))
+        if cin_g > 1:
+            how = "with statistics over its input channels" if over_inputs else "at run time"
+            ctx.stop(xs, f"Conv at {ctx.where()} computes its weights `{w}` {how}")
+        if g > 1:
+            _group_ties(ctx, xs, y, g, cin_g, cout // g, None)
+        return
+    ctx.same(y, ctx.weight(w, 0, "producer"))
     # a plain conv reads every input channel through axis 1 (size 1 for a one-channel input);
     # a depthwise one has nothing per input channel there
     consumer = ctx.weight(w, 1, "consumer") if g == 1 or cin_g > 1 else None
@@ -258,7 +278,10 @@ def matmul(ctx: RuleContext) -> None:
     """MatMul with a constant right operand is a source on the last axis (a Linear layer); between
     two computed tensors (attention) it mixes channels."""
     a, b = ctx.input(0), ctx.input(1)
-    if ctx.is_const(a) or not ctx.is_const(b) or ctx.rank(b) < 2 or ctx.rank(a) < 2:
+    if not ctx.is_const(a) and not ctx.is_const(b):
+        matmul_activations(ctx)
+        return
+    if ctx.is_const(a) or ctx.rank(b) < 2 or ctx.rank(a) < 2:
         _mixes(ctx, "multiplies computed tensors (channels mix)")
         return
     out = ctx.outputs[0]
@@ -313,7 +336,11 @@ def reshape(ctx: RuleContext, x: str, a: int) -> None:
     out = ctx.outputs[0]
     found = reshape_map(ctx.shape(x), a, ctx.shape(out))
     if found is None:
-        _mixes(ctx, f"splits the channel axis of `{x}` ({ctx.shape(x)} -> {ctx.shape(out)})")
+        split = split_map(ctx.shape(x), a, ctx.shape(out))
+        if split is not None and split_reshape(ctx, x, a, split):
+            return
+        how = " by a target computed at run time" if split is not None else ""
+        _mixes(ctx, f"splits the channel axis of `{x}` ({ctx.shape(x)} -> {ctx.shape(out)}){how}")
         return
     b, pos = found
     ctx.tie(ctx.ch.by_key[(x, a)], np.arange(pos.shape[0])[:, None], ctx.out(out, b), pos)
@@ -622,7 +649,7 @@ RULES: dict[str, Rule] = {
     "LRN": Rule(
         mixing("mixes neighbouring channels (local response normalization)"), shapeless=True
     ),
-    "GroupNormalization": Rule(mixing("normalizes groups of channels together"), shapeless=True),
+    "GroupNormalization": Rule(group_norm, rewrite="group_norm_groups"),
     "DepthToSpace": Rule(mixing("moves channels into space"), shapeless=True),
     "SpaceToDepth": Rule(mixing("moves space into channels"), shapeless=True),
     "Einsum": Rule(
