@@ -119,7 +119,9 @@ def _zero_when_dead(ctx: RuleContext, tensor: str, depth: int) -> bool:
         lo, hi = (ctx.value(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2))
         low = node.attr("min", 0.0) if lo is None and "min" in node.attrs else lo
         high = node.attr("max", 0.0) if hi is None and "max" in node.attrs else hi
-        inside = (low is None or float(np.max(low)) <= 0) and (high is None or float(np.min(high)) >= 0)
+        inside = (low is None or float(np.max(low)) <= 0) and (
+            high is None or float(np.min(high)) >= 0
+        )
         return inside and zero_when_dead(ctx, node.inputs[0], depth + 1)
     return False
 
