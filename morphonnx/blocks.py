@@ -59,12 +59,47 @@ def split_map(
 
 def split_reshape(ctx: RuleContext, x: str, a: int, found: tuple[int, np.ndarray]) -> bool:
     """Tie the input channels of a splitting Reshape to the output axis ``split_map`` found.
-    The pruned target is written as a constant, so it must be one (False: not followed)."""
-    node = ctx.node
-    if node.op_type != "Reshape" or ("shape" not in node.attrs and ctx.value(ctx.input(1)) is None):
-        return False
+    The pruned target must be written as a constant (False: it cannot, not followed)."""
     b, pos = found
+    if ctx.node.op_type != "Reshape" or not constant_target(ctx, x, a, b):
+        return False
     ctx.tie(ctx.ch.by_key[(x, a)], pos, ctx.out(ctx.outputs[0], b), np.arange(len(pos))[:, None])
+    return True
+
+
+def constant_target(ctx: RuleContext, x: str, a: int, b: int) -> bool:
+    """Whether the Reshape's target is a constant, or computed at run time in a way the rewrite
+    can write as one (recorded in ``Channels.targets``): entries that are constants stay, the
+    entry of the channel axis ``b`` gets the pruned count (torch reads it from another tensor's
+    shape, which pruning does not change), an entry that follows a batch or spatial dim becomes
+    0 (the input's dim at the same index) or the one -1."""
+    node = ctx.node
+    if "shape" in node.attrs or ctx.value(ctx.input(1)) is not None:
+        return True
+    dep = ctx.ch.shape_dependence(ctx.input(1))
+    if dep is None or node.attr("allowzero", 0):
+        return False
+    exact, others, every = (v.reshape(-1).astype(np.int64) for v in dep)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(ctx.outputs[0])
+    if len(exact) != len(out_shape):
+        return False
+    template = exact.copy()
+    for i in range(len(exact)):
+        if exact[i] == others[i] == every[i]:
+            continue  # a constant
+        if exact[i] == others[i]:  # follows channel counts: only the channel axis may
+            if i != b:
+                return False
+            template[i] = out_shape[i]
+        elif i == b:
+            return False
+        elif i < len(in_shape) and i != a and others[i] == 2 * in_shape[i] + 3:
+            template[i] = 0
+        else:
+            template[i] = -1
+    if (template == -1).sum() > 1:
+        return False
+    ctx.ch.targets[node.name] = template
     return True
 
 

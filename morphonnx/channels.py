@@ -54,6 +54,7 @@ class Channels:
     ties_b: list[np.ndarray] = field(default_factory=list)
     stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
     zero_memo: dict[str, bool] = field(default_factory=dict)  # blocks.zero_when_dead
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # blocks.target_template
 
     def slot_for(self, tensor: str, axis: int, *, const: bool, role: str = "") -> Slot:
         key = (tensor, axis)
@@ -107,6 +108,32 @@ class Channels:
 
         moved = _evaluate(self.graph, tensor, others_moved, {})
         return exact if moved is not None and np.array_equal(moved, exact) else None
+
+    def shape_dependence(self, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A shape computation evaluated three times: at the graph's shapes, with every batch or
+        spatial dim moved, and with every dim moved (channels too). An entry equal in all three is
+        a constant; one that moves only with the channels depends on channel counts; one that
+        moves with the others follows the input at run time. None if it cannot be evaluated."""
+        live = self.live
+
+        def moved(channels: bool) -> Callable[[str, Shape], Shape]:
+            def shape_of(t: str, shape: Shape) -> Shape:
+                if t not in live:
+                    return shape
+                a = None if channels else self.axis_of.get(t)
+                return tuple(d if i == a else 2 * d + 3 for i, d in enumerate(shape))
+
+            return shape_of
+
+        values = [
+            _evaluate(self.graph, tensor, f, {})
+            for f in (lambda t, s: s, moved(channels=False), moved(channels=True))
+        ]
+        if any(v is None or v.shape != values[0].shape for v in values):  # type: ignore[union-attr]
+            return None
+        exact, others, every = values
+        assert exact is not None and others is not None and every is not None
+        return exact, others, every
 
 
 SHAPE_VALUE_LIMIT = 64

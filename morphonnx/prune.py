@@ -109,6 +109,8 @@ def _reshape_target(ctx: RewriteContext) -> None:
         target = np.array(ctx.node.attr("shape"), dtype=np.int64)
     else:
         value = ctx.const_input(1)
+        if value is None:  # computed from shapes: written as the constant the rule made of it
+            value = ctx.analysis.solution.channels.targets.get(ctx.node.name)
         if value is None:
             return  # computed at run time from Shape ops, follows the pruned shapes by itself
         target = value.astype(np.int64).copy()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from morphonnx.blocks import (
+    constant_target,
     group_norm,
     matmul_activations,
     split_map,
@@ -343,6 +344,8 @@ def reshape(ctx: RuleContext, x: str, a: int) -> None:
         _mixes(ctx, f"splits the channel axis of `{x}` ({ctx.shape(x)} -> {ctx.shape(out)}){how}")
         return
     b, pos = found
+    if ctx.node.op_type == "Reshape":  # a target from shapes that the rewrite must write
+        constant_target(ctx, x, a, b)
     ctx.tie(ctx.ch.by_key[(x, a)], np.arange(pos.shape[0])[:, None], ctx.out(out, b), pos)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from group_patterns import (
     attention,
@@ -220,18 +221,53 @@ def test_weight_standardization(opset: int, dynamic: bool, group: int, tmp_path:
     prune_verified(path)
 
 
-def test_split_with_run_time_target_stops(tmp_path: Path) -> None:
-    """The pruned target is written as a constant, so a target computed from shapes stops."""
+def _run_time_target(b: Builder, y: str, dim: int) -> str:
+    """torch's ``y.view(y.size(0), 2, y.size(dim) ..., 16)``: Concat of Shape entries and ints."""
+    lead = b.node(
+        "Slice", [b.node("Shape", [y]), b.ints(f"s{b._count}", [0]), b.ints(f"e{b._count}", [1])]
+    )
+    parts = [lead, b.ints(f"blocks{b._count}", [2])]
+    if dim:
+        parts.append(
+            b.node(
+                "Slice",
+                [
+                    b.node("Shape", [y]),
+                    b.ints(f"d{b._count}", [dim]),
+                    b.ints(f"f{b._count}", [dim + 1]),
+                ],
+            )
+        )
+    else:
+        parts.append(b.ints(f"width{b._count}", [4]))
+    parts.append(b.ints(f"pixels{b._count}", [16]))
+    return b.node("Concat", parts, axis=0)
+
+
+@pytest.mark.parametrize("dim", [0, 2])
+def test_split_with_run_time_target(dim: int, tmp_path: Path) -> None:
+    """A split whose target is computed from shapes is written as a constant with the batch
+    entry copied (0): the batch stays free. When the channel entry itself follows a spatial
+    dim (here H = 4 happens to equal the block width), it cannot be written: a stop."""
     b = Builder()
     x = b.input("x", ["N", 3, 4, 4])
     y = b.conv(x, 3, 8, 1, prefix="c1")
-    lead = b.node("Slice", [b.node("Shape", [y]), b.ints("s0", [0]), b.ints("s1", [1])])
-    target = b.node("Concat", [lead, b.ints("rest", [2, 4, 16])], axis=0)
-    t = b.node("Reshape", [y, target], name="split")
+    t = b.node("Reshape", [y, _run_time_target(b, y, dim)], name="split")
+    t = b.node("Transpose", [t], perm=[0, 2, 1, 3])
     t = b.node("Reshape", [t, b.ints("back", [-1, 8, 4, 4])])
     b.output(b.conv(t, 8, 5, 1, prefix="c2"))
-    g = group_of(b.solve(tmp_path), "c1.weight", 0)
-    assert not g.prunable and "by a target computed at run time" in (g.reason or "")
+    path = b.save(tmp_path)
+    g = group_of(analyze(path).solution, "c1.weight", 0)
+    if dim:
+        assert not g.prunable and "by a target computed at run time" in (g.reason or "")
+        return
+    assert g.prunable and g.channels == 4
+    (pruned, *_) = prune_verified(path, seeds=(0,))
+    out = tmp_path / "free-batch.onnx"
+    onnx.save(pruned, str(out))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = {"x": np.zeros((3, 3, 4, 4), np.float32)}
+    assert sess.run(None, feeds)[0].shape == (3, 5, 4, 4)
 
 
 def test_split_attention_softmax_before_opset_13_stops(tmp_path: Path) -> None:
