@@ -1,9 +1,9 @@
 """Architectures from outside torchvision for the robustness sweep, written in code (random
 weights, nothing downloaded): compact PyTorch re-implementations of ResNeSt (split attention),
 GhostNet, RepVGG (training-time branches), YOLOv5's CSPDarknet (C3, SPPF), a ViT with separate
-q/k/v projections, MLP-Mixer, an HRNet-style two-resolution net, and BiT's ResNet (weight-
-standardized convs with GroupNorm); and Keras applications (``weights=None``) exported with
-tf2onnx, whose MACs are counted here from the Keras layer configs."""
+q/k/v projections, MLP-Mixer, an HRNet-style two-resolution net, ConvNeXt and Res2Net; and Keras
+applications (``weights=None``) exported with tf2onnx, whose MACs are counted here from the
+Keras layer configs."""
 
 from __future__ import annotations
 
@@ -339,50 +339,80 @@ class HRNet(nn.Module):
         return self.head(self.fuse(torch.cat([h, low], dim=1)))
 
 
-# --------------------------------------------------------------------------- BiT ResNet
+# --------------------------------------------------------------------------- ConvNeXt
 
 
-class StdConv2d(nn.Conv2d):
-    """BiT's weight-standardized conv: each filter to zero mean and unit variance at run time."""
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: permute to NHWC, normalize, permute back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
-        w = (w - mean) / torch.sqrt(var + 1e-10)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class BiTBlock(nn.Module):
-    """Pre-activation bottleneck: GroupNorm -> ReLU -> StdConv 1x1 / 3x3 / 1x1, residual."""
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 -> NHWC LayerNorm -> Linear 4C -> GELU -> Linear C -> layer scale -> NCHW,
+    residual."""
 
-    def __init__(self, cin: int, mid: int, cout: int) -> None:
+    def __init__(self, c: int) -> None:
         super().__init__()
-        self.gn1, self.gn2, self.gn3 = nn.GroupNorm(4, cin), nn.GroupNorm(4, mid), nn.GroupNorm(4, mid)
-        self.conv1 = StdConv2d(cin, mid, 1, bias=False)
-        self.conv2 = StdConv2d(mid, mid, 3, padding=1, bias=False)
-        self.conv3 = StdConv2d(mid, cout, 1, bias=False)
-        self.short = StdConv2d(cin, cout, 1, bias=False) if cin != cout else None
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.gn1(x))
-        short = self.short(pre) if self.short is not None else x
-        y = self.conv1(pre)
-        y = self.conv2(F.relu(self.gn2(y)))
-        y = self.conv3(F.relu(self.gn3(y)))
-        return y + short
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return x + (self.gamma * self.fc2(F.gelu(self.fc1(y)))).permute(0, 3, 1, 2)
 
 
-class BiTResNet(nn.Module):
+class ConvNeXt(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
-        self.stem = StdConv2d(3, 16, 3, 2, padding=1, bias=False)
-        self.blocks = nn.Sequential(BiTBlock(16, 8, 32), BiTBlock(32, 8, 32))
-        self.gn = nn.GroupNorm(4, 32)
-        self.head = ClassifierHead(32, classes)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, 4), LayerNorm2d(16))
+        self.stage1 = ConvNeXtBlock(16)
+        self.down = nn.Sequential(LayerNorm2d(16), nn.Conv2d(16, 24, 2, 2))
+        self.stage2 = ConvNeXtBlock(24)
+        self.norm = nn.LayerNorm(24)
+        self.head = nn.Linear(24, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.gn(self.blocks(self.stem(x)))))
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(self.norm(x.mean(dim=(2, 3))))
+
+
+# --------------------------------------------------------------------------- Res2Net
+
+
+class Res2NetBlock(nn.Module):
+    """1x1 -> split into ``scale`` chunks -> hierarchical 3x3 convs (each adds the previous
+    output) -> concat -> 1x1, residual."""
+
+    def __init__(self, c: int, width: int, scale: int = 4) -> None:
+        super().__init__()
+        self.width = width
+        self.reduce = cbr(c, width * scale, 1)
+        self.convs = nn.ModuleList(cbr(width, width) for _ in range(scale - 1))
+        self.expand = cb(width * scale, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(self.reduce(x), self.width, dim=1)
+        outs, y = [], parts[0]
+        for i, conv in enumerate(self.convs):
+            y = conv(parts[i + 1] if i == 0 else parts[i + 1] + y)
+            outs.append(y)
+        outs.append(parts[0])
+        return F.relu(self.expand(torch.cat(outs, dim=1)) + x)
+
+
+class Res2Net(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = cbr(3, 24, 3, 2)
+        self.blocks = nn.Sequential(Res2NetBlock(24, 6), Res2NetBlock(24, 4))
+        self.head = ClassifierHead(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
 
 
 # --------------------------------------------------------------------------- registry
@@ -395,7 +425,8 @@ TORCH_OUTSIDE: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "vit_mha": (ViTMHA, (3, 16, 16)),
     "mlp_mixer": (MLPMixer, (3, 16, 16)),
     "hrnet": (HRNet, (3, 16, 16)),
-    "bit_resnet": (BiTResNet, (3, 16, 16)),
+    "convnext": (ConvNeXt, (3, 32, 32)),
+    "res2net": (Res2Net, (3, 16, 16)),
 }
 
 
@@ -442,18 +473,15 @@ def _keras_apps() -> dict[str, Callable[..., Any]]:
             apps.MobileNetV3Small, minimalistic=False, include_preprocessing=False
         ),
         "keras_efficientnet_b0": apps.EfficientNetB0,
-        "keras_regnetx002": apps.RegNetX002,
+        "keras_efficientnet_v2_b0": functools.partial(
+            apps.EfficientNetV2B0, include_preprocessing=False
+        ),
         "keras_resnet50_v2": apps.ResNet50V2,
     }
 
 
-KERAS_OUTSIDE = (
-    "keras_mobilenet",
-    "keras_mobilenet_v3_small",
-    "keras_efficientnet_b0",
-    "keras_regnetx002",
-    "keras_resnet50_v2",
-)
+KERAS_OUTSIDE = ("keras_mobilenet", "keras_mobilenet_v3_small", "keras_efficientnet_b0")
+"""Tested (EfficientNetV2B0 and ResNet50V2 also prune and verify, but take minutes to convert)."""
 
 
 def build_keras(name: str) -> Any:
