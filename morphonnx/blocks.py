@@ -10,9 +10,10 @@ Union-find ties whole variables, so one split of C = n x d channels gets one gra
 * *whole blocks* (the channel axis becomes the outer factor ``n``): the ``d`` channels of a block
   live or die together, and the target only changes ``n`` (whole groups of a group norm).
 
-Per position is taken when ``d`` is an axis of its own; whole blocks when the inner factor is
-merged with the following axes (group norm's ``[B, G, C/G*H*W]``), where statistics are taken
-over the whole block and per-position removal would change them.
+Per position is taken when ``d`` is an axis of its own and nothing reading the split takes
+statistics over it; whole blocks when the inner factor is merged with the following axes (group
+norm's ``[B, G, C/G*H*W]``) or reduced over (group norm written with ReduceMean), where removing
+one position would change the statistics of the rest of its block.
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ ZERO_AT_ZERO = frozenset(
 
 
 def split_map(
-    in_shape: tuple[int, ...], a: int, out_shape: tuple[int, ...]
+    in_shape: tuple[int, ...], a: int, out_shape: tuple[int, ...], *, blocks: bool = False
 ) -> tuple[int, np.ndarray] | None:
     """Where channel axis ``a`` goes when a Reshape splits it into blocks: the output axis and,
     per index along it, the input channels it stands for (one per block, or a block's ``d``).
 
-    Per position when an output axis is the inner factor on its own, else whole blocks when an
-    output axis is the outer factor; None when the channels spread in another way."""
+    Per position when an output axis is the inner factor on its own (unless ``blocks``), else
+    whole blocks when an output axis is the outer factor; None when the channels spread in
+    another way."""
     c = in_shape[a]
     outer = math.prod(in_shape[:a])
     inner = math.prod(in_shape[a + 1 :])
-    for b in reversed(range(len(out_shape))):
+    for b in [] if blocks else reversed(range(len(out_shape))):
         d = out_shape[b]
         if 1 < d < c and not c % d:
             before, after = math.prod(out_shape[:b]), math.prod(out_shape[b + 1 :])
@@ -55,6 +57,40 @@ def split_map(
             if before == outer and after == (c // d) * inner:  # whole blocks
                 return b, np.arange(d)[:, None] * (c // d) + np.arange(c // d)[None, :]
     return None
+
+
+def choose_split(ctx: RuleContext, x: str, a: int) -> tuple[int, np.ndarray] | None:
+    """``split_map`` per position, or whole blocks when what reads the split takes statistics
+    over the positions within a block (group norm written with reductions, as Keras does)."""
+    in_shape, out = ctx.shape(x), ctx.outputs[0]
+    found = split_map(in_shape, a, ctx.shape(out))
+    if found is not None and _statistics_over(ctx, out, found[0]):
+        return split_map(in_shape, a, ctx.shape(out), blocks=True) or found
+    return found
+
+
+def _statistics_over(ctx: RuleContext, tensor: str, axis: int) -> bool:
+    """Whether a reader of ``tensor`` reduces or normalizes over ``axis``."""
+    rank = ctx.rank(tensor)
+    for node in ctx.graph.consumers.get(tensor, []):
+        if not node.standard or node.inputs[:1] != [tensor]:
+            continue
+        op = node.op_type
+        if op.startswith("Reduce"):
+            axes = node.attr("axes")
+            if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+                value = ctx.value(node.inputs[1])
+                axes = None if value is None else value.reshape(-1).tolist()
+            if axes is None or axis in [int(v) % rank for v in axes]:
+                return True
+        elif op == "InstanceNormalization" and axis >= 2:
+            return True
+        elif op == "LayerNormalization" and axis >= int(node.attr("axis", -1)) % rank:
+            return True
+        elif op == "MeanVarianceNormalization":
+            if axis in [int(v) % rank for v in node.attr("axes", [0, 2, 3])]:
+                return True
+    return False
 
 
 def split_reshape(ctx: RuleContext, x: str, a: int, found: tuple[int, np.ndarray]) -> bool:

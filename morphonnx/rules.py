@@ -22,7 +22,7 @@ from morphonnx.blocks import (
     constant_target,
     group_norm,
     matmul_activations,
-    split_map,
+    choose_split,
     split_reshape,
     weight_chain,
 )
@@ -337,7 +337,7 @@ def reshape(ctx: RuleContext, x: str, a: int) -> None:
     out = ctx.outputs[0]
     found = reshape_map(ctx.shape(x), a, ctx.shape(out))
     if found is None:
-        split = split_map(ctx.shape(x), a, ctx.shape(out))
+        split = choose_split(ctx, x, a)
         if split is not None and split_reshape(ctx, x, a, split):
             return
         how = " by a target computed at run time" if split is not None else ""

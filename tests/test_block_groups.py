@@ -107,20 +107,51 @@ def test_group_norm_as_instance_norm_prunes_whole_groups(
     prune_verified(path)
 
 
-def test_group_norm_with_statistics_over_a_channel_axis_stops(tmp_path: Path) -> None:
-    """Reshape [B, G, C/G, H*W] puts the channels on their own axis (per position); a mean over
-    that axis mixes them: a stop with the reason, not a wrong group."""
+def _group_norm_by_reductions(b: Builder, y: str, nhwc: bool) -> str:
+    """Group norm written with reductions: NCHW ``[B, G, C/G, H*W]`` over axes (2, 3), or
+    Keras's NHWC ``[B, H, W, G, C/G]`` over axes (1, 2, 4); then per-channel gamma and beta."""
+    if nhwc:
+        y = b.node("Transpose", [y], perm=[0, 2, 3, 1])
+        shape, axes, back, per = [1, 4, 4, 3, 2], [1, 2, 4], [1, 4, 4, 6], [6]
+    else:
+        shape, axes, back, per = [1, 3, 2, 16], [2, 3], [1, 6, 4, 4], [6, 1, 1]
+    t = b.node("Reshape", [y, b.ints("to_groups", shape)])
+    mean = b.node("ReduceMean", [t], axes=axes, keepdims=1, name="mean")
+    centered = b.node("Sub", [t, mean])
+    var = b.node("ReduceMean", [b.node("Mul", [centered, centered])], axes=axes, keepdims=1)
+    eps = b.init("eps", np.array(1e-5, np.float32))
+    t = b.node("Div", [centered, b.node("Sqrt", [b.node("Add", [var, eps])])])
+    t = b.node("Reshape", [t, b.ints("back", back)])
+    t = b.node("Add", [b.node("Mul", [t, b.init("gn.weight", per)]), b.init("gn.bias", per)])
+    return b.node("Transpose", [t], perm=[0, 3, 1, 2]) if nhwc else t
+
+
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_by_reductions_prunes_whole_groups(nhwc: bool, tmp_path: Path) -> None:
+    """The statistics are taken over the positions within a group, so the split gives whole
+    groups (not per position, which the reductions would mix)."""
     b = Builder()
     x = b.input("x", [1, 3, 4, 4])
-    y = b.conv(x, 3, 6, 3, prefix="c1")
-    t = b.node("Reshape", [y, b.ints("to_groups", [1, 3, 2, 16])])
-    m = b.node("ReduceMean", [t], axes=[2, 3], keepdims=1, name="stats")
-    t = b.node("Sub", [t, m])
-    t = b.node("Reshape", [t, b.ints("back", [1, 6, 4, 4])])
-    b.output(b.conv(t, 6, 5, 1, prefix="c2"))
-    g = group_of(b.solve(tmp_path), "c1.weight", 0)
+    t = _group_norm_by_reductions(b, b.conv(x, 3, 6, 3, prefix="c1"), nhwc)
+    b.output(b.conv(b.relu(t), 6, 5, 1, prefix="c2"))
+    path = b.save(tmp_path)
+    g = group_of(analyze(path).solution, "c1.weight", 0)
+    assert g.prunable and positions(g, "c1.weight", 0) == [[0, 1], [2, 3], [4, 5]]
+    prune_verified(path)
+
+
+def test_softmax_over_a_split_channel_axis_stops(tmp_path: Path) -> None:
+    """Softmax over the head dim itself mixes the channels: a stop with the reason."""
+    b = Builder()
+    x = b.input("x", [1, 5, 6])
+    y = b.node("MatMul", [x, b.init("w", [6, 8])])
+    t = b.node("Reshape", [y, b.ints("heads", [1, 5, 2, 4])])
+    t = b.node("Softmax", [t], axis=-1, name="sm")
+    t = b.node("Reshape", [t, b.ints("merge", [1, 5, 8])])
+    b.output(b.node("MatMul", [t, b.init("proj", [8, 3])]))
+    g = group_of(b.solve(tmp_path), "w", 1)
     assert not g.prunable
-    assert "ReduceMean at node `stats` reduces over the channel axis" in (g.reason or "")
+    assert "Softmax at node `sm` normalizes over the channel axis" in (g.reason or "")
 
 
 def _head_columns(heads: int, dim: int, offset: int = 0) -> list[list[int]]:
