@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from morphonnx.blocks import (
+    choose_split,
     constant_target,
     group_norm,
     matmul_activations,
-    choose_split,
     split_reshape,
     weight_chain,
 )
