@@ -129,9 +129,9 @@ def _heads(b: Builder, t: str, heads: int, dim: int, perm: list[int]) -> str:
 
 def attention(opset: int, dynamic: bool, form: str, heads: int = 2, dim: int = 4) -> Builder:
     """A transformer attention layer on a residual stream ``x [B, N, E]``: q, k, v projections
-    (``form``: ``separate``, ``split`` (one qkv Linear and Split), ``fused5d`` (one qkv Linear,
-    Reshape [B, N, 3, H, D], Transpose, Gather)), heads, q·kᵀ scaled, Softmax, ·v, heads merged
-    back, output projection, residual Add."""
+    (``form``: ``separate``, ``split`` / ``slice`` (one qkv Linear, then Split or three Slices),
+    ``fused5d`` (one qkv Linear, Reshape [B, N, 3, H, D], Transpose, Gather)), heads, q·kᵀ
+    scaled, Softmax, ·v, heads merged back, output projection, residual Add."""
     b = Builder(opset)
     e, n = 6, 5
     x = b.input("x", [batch_dim(dynamic), n, e])
@@ -143,7 +143,21 @@ def attention(opset: int, dynamic: bool, form: str, heads: int = 2, dim: int = 4
         q, k, v = (b.node("Gather", [t, b.init(f"i{i}", np.array(i))], axis=0) for i in range(3))
         k = b.node("Transpose", [k], perm=[0, 1, 3, 2])
     else:
-        if form == "split":
+        if form == "slice":
+            qkv = _linear(b, x, e, 3 * hd, "qkv")
+            parts = [
+                b.node(
+                    "Slice",
+                    [
+                        qkv,
+                        b.ints(f"st{i}", [i * hd]),
+                        b.ints(f"en{i}", [i * hd + hd]),
+                        b.ints(f"ax{i}", [-1]),
+                    ],
+                )
+                for i in range(3)
+            ]
+        elif form == "split":
             qkv = _linear(b, x, e, 3 * hd, "qkv")
             if opset >= 18:
                 parts = b.node("Split", [qkv], 3, axis=2, num_outputs=3)

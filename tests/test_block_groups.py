@@ -160,7 +160,7 @@ def _head_columns(heads: int, dim: int, offset: int = 0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("opset", "dynamic"), VARIANTS)
-@pytest.mark.parametrize("form", ["separate", "split", "fused5d"])
+@pytest.mark.parametrize("form", ["separate", "split", "slice", "fused5d"])
 def test_attention_head_dims(opset: int, dynamic: bool, form: str, tmp_path: Path) -> None:
     """Per-head dims, uniform across heads: q and k dims tied through q·kᵀ, v dims with the
     output projection's rows. In the 5-D fused form the one reshape ties q, k and v dims."""
@@ -174,7 +174,7 @@ def test_attention_head_dims(opset: int, dynamic: bool, form: str, tmp_path: Pat
         assert positions(qk, "k.weight", 1) == _head_columns(heads, dim)
         v = group_of(sol, "v.weight", 1)
         assert positions(v, "v.weight", 1) == _head_columns(heads, dim)
-    elif form == "split":
+    elif form in ("split", "slice"):
         qk, v = groups_with(sol, "qkv.weight", 1)
         assert positions(qk, "qkv.weight", 1) == [
             a + b
