@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from morphonnx.costs import OpCost, ShapeOf, Totals, op_costs, totals
+from morphonnx.costs import OpCost, Totals, op_costs, totals
 from morphonnx.devices import Device
 from morphonnx.formats import fingerprint
 from morphonnx.graph import Graph, Shape
 from morphonnx.groups import Solution, solve
 from morphonnx.load import load_graph
-from morphonnx.rules import RULES
+from morphonnx.ops import UNSUPPORTED, ShapeOf, op_kind
 
 
 @dataclass
@@ -82,7 +82,7 @@ def unsupported_ops(a: Analysis) -> dict[str, int]:
     """Op types without a channel rule, with their counts: each stops the groups it touches."""
     counts: dict[str, int] = {}
     for n in a.graph.nodes:
-        if not n.standard or n.op_type not in RULES:
+        if op_kind(n) is UNSUPPORTED:
             name = n.op_type if n.standard else f"{n.domain}.{n.op_type}"
             counts[name] = counts.get(name, 0) + 1
     return counts

@@ -15,12 +15,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 from onnx import numpy_helper
 
 from morphonnx.fold import FOLDS
 from morphonnx.graph import Graph, Node, Shape
+
+Role = Literal["", "producer", "consumer", "gamma", "beta", "stat", "bias", "scale", "const"]
+"""What a weight slice is to its channel: ``producer`` (a filter of the layer that makes the
+channel), ``consumer`` (the input slice of a layer that reads it), ``gamma`` / ``beta`` / ``stat``
+(normalization scale, shift, running statistics), ``bias``, ``scale`` (per-channel constants of
+Add/Sub and Mul/Div), ``const`` (any other per-channel constant); ``""`` for activations."""
 
 
 @dataclass
@@ -33,7 +40,7 @@ class Slot:
     size: int
     base: int
     const: bool
-    role: str = ""  # for weights: producer, consumer, gamma, beta, stat, bias, scale, const
+    role: Role = ""
 
     @property
     def vars(self) -> np.ndarray:
@@ -53,10 +60,10 @@ class Channels:
     ties_a: list[np.ndarray] = field(default_factory=list)
     ties_b: list[np.ndarray] = field(default_factory=list)
     stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
-    zero_memo: dict[str, bool] = field(default_factory=dict)  # blocks.zero_when_dead
-    targets: dict[str, np.ndarray] = field(default_factory=dict)  # blocks.target_template
+    zero_memo: dict[str, bool] = field(default_factory=dict)  # ops.linear.zero_when_dead
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # ops.layout.constant_target
 
-    def slot_for(self, tensor: str, axis: int, *, const: bool, role: str = "") -> Slot:
+    def slot_for(self, tensor: str, axis: int, *, const: bool, role: Role = "") -> Slot:
         key = (tensor, axis)
         slot = self.by_key.get(key)
         if slot is not None:
@@ -252,7 +259,7 @@ class RuleContext:
         """Declare ``axis`` the channel axis of an output activation."""
         return self.ch.slot_for(tensor, axis, const=False)
 
-    def weight(self, tensor: str, axis: int, role: str) -> Slot:
+    def weight(self, tensor: str, axis: int, role: Role) -> Slot:
         """The slot of a constant along ``axis`` (a member of the groups it gets tied to)."""
         return self.ch.slot_for(tensor, axis % self.rank(tensor), const=True, role=role)
 

@@ -1,6 +1,7 @@
 """Per-op cost model with MorphNet's conventions: MACs, FLOPs, params, bytes, roofline latency.
 
-- ``macs``: multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (no bias); others are 0.
+- ``macs``: multiply-accumulates of the registry's weighted layers (Conv, ConvTranspose, Gemm,
+  MatMul; no bias); others are 0.
 - ``flops`` = 2 x ``macs``.
 - ``params``: elements of the op's floating-point constant inputs (weights, biases, norm
   parameters; shape vectors and indices are not parameters).
@@ -14,17 +15,12 @@ running the same functions on the shrunk shapes (``shape_of``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from morphonnx.devices import Device
-from morphonnx.graph import Graph, Node, Shape
-
-ShapeOf = Callable[[str], Shape | None]
-
-SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""Ops whose multiply-accumulates MorphNet counts."""
+from morphonnx.graph import Graph, Node
+from morphonnx.ops import ShapeOf, numel, op_kind
 
 
 @dataclass
@@ -71,26 +67,16 @@ class Totals:
         return 2 * self.macs
 
 
-def _numel(shape: Shape | None) -> int:
-    if shape is None or any(d < 0 for d in shape):
-        return 0
-    return math.prod(shape)
-
-
 def node_macs(node: Node, shape_of: ShapeOf) -> int:
-    """MACs of one node from its shapes (0 for ops that are not Conv/ConvTranspose/Gemm/MatMul)."""
-    if not node.standard or node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
+    """MACs of one node from its shapes (0 for ops that are not weighted layers)."""
+    layer = op_kind(node).layer
+    if layer is None or len(node.inputs) < 2:
         return 0
     a, b = shape_of(node.inputs[0]), shape_of(node.inputs[1])
     y = shape_of(node.outputs[0])
     if a is None or b is None or y is None or not a:
         return 0
-    if node.op_type == "Conv":
-        return _numel(y) * _numel(b[1:])
-    if node.op_type == "ConvTranspose":
-        return _numel(a) * _numel(b[1:])
-    k = a[0] if node.op_type == "Gemm" and node.attr("transA", 0) else a[-1]
-    return _numel(y) * max(k, 0)  # Gemm: M*N*K; MatMul: every output is a K-long dot product
+    return layer.macs(node, a, b, y)
 
 
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
@@ -104,7 +90,7 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
         params = elements = nbytes = 0
         for t in dict.fromkeys(t for t in node.inputs if t):
             info = graph.info(t)
-            n = _numel(shape(t))
+            n = numel(shape(t))
             if graph.is_const(t):
                 if info.dtype is None or info.dtype.kind != "f":
                     continue
@@ -113,7 +99,7 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
             nbytes += n * info.itemsize
         for t in node.outputs:
             if t:
-                n = _numel(shape(t))
+                n = numel(shape(t))
                 elements += n
                 nbytes += n * graph.info(t).itemsize
         macs = node_macs(node, shape)
@@ -170,8 +156,8 @@ def totals(
     ``stored``: folded constants that count as stored weights (see :func:`weight_tensors`)."""
     shape = shape_of or graph.shape
     weights = weight_tensors(graph, stored)
-    params = sum(_numel(shape(t)) for t in weights)
-    wbytes = sum(_numel(shape(t)) * graph.info(t).itemsize for t in weights)
+    params = sum(numel(shape(t)) for t in weights)
+    wbytes = sum(numel(shape(t)) * graph.info(t).itemsize for t in weights)
     return Totals(
         macs=sum(c.macs for c in costs),
         params=params,

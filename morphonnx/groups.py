@@ -13,9 +13,37 @@ from functools import cached_property
 
 import numpy as np
 
-from morphonnx.channels import Channels, Slot
+from morphonnx.channels import Channels, Role, RuleContext, Slot
 from morphonnx.graph import Graph
-from morphonnx.rules import build_channels
+from morphonnx.ops import op_kind
+
+
+def build_channels(graph: Graph) -> Channels:
+    """Run every node's channel rule in topological order and stop what touches graph inputs and
+    outputs."""
+    ch = Channels(graph)
+    for name in graph.inputs:
+        ch.why[name] = f"graph input `{name}`"
+    for node in graph.nodes:
+        ctx = RuleContext(ch, node)
+        kind = op_kind(node)
+        used = [t for t in node.outputs if t in graph.consumers or t in graph.outputs]
+        unknown = [t for t in node.inputs + used if t and not graph.info(t).known]
+        if unknown and not kind.shapeless:
+            # name the cause where one is known (the unsupported op upstream), not its symptom
+            why = ch.why.get(unknown[0])
+            ctx.stop_all(why or f"shape of `{unknown[0]}` unknown at {ctx.where()}")
+            continue
+        if all(graph.is_const(t) for t in node.inputs if t) and node.inputs:
+            ctx.no_channels(f"constant computed at {ctx.where()}")
+            continue
+        kind.channels(ctx)
+        ctx.no_channels(ctx.inherit_why())
+    for name in graph.outputs:
+        a = ch.axis_of.get(name)
+        if a is not None:
+            ch.stop(ch.by_key[(name, a)].vars, f"graph output `{name}`")
+    return ch
 
 
 @dataclass
@@ -24,7 +52,7 @@ class Member:
 
     tensor: str
     axis: int
-    role: str
+    role: Role
     index: np.ndarray = field(repr=False)  # the slices of channel 0, then of channel 1, ...
     counts: np.ndarray = field(repr=False)  # how many slices each channel has
 

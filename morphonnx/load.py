@@ -33,6 +33,7 @@ from morphonnx.graph import (
     constant_node_value,
     subgraph_outer_inputs,
 )
+from morphonnx.ops import op_kind
 from morphonnx.protoscan import LazyWeights, read_stripped
 
 SMALL_CONSTANT = 1024
@@ -422,12 +423,6 @@ def fold_constants(
         )
 
 
-PER_CHANNEL_USERS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "BatchNormalization", "InstanceNormalization", "PRelu"}
-)
-"""Ops that read a constant as per-channel parameters (biases, scales, norm statistics)."""
-
-
 def unshare_per_channel_constants(nodes: list[Node], constants: dict[str, Constant]) -> None:
     """Give every further reader of a shared per-channel constant its own copy.
 
@@ -446,7 +441,7 @@ def unshare_per_channel_constants(nodes: list[Node], constants: dict[str, Consta
         c = constants[t]
         if len(readers) < 2 or c.dtype.kind != "f" or math.prod(c.shape) <= 1:
             continue
-        if any(not n.standard or n.op_type not in PER_CHANNEL_USERS for n, _ in readers):
+        if not all(op_kind(n).per_channel for n, _ in readers):
             continue
         for k, (n, i) in enumerate(readers[1:], start=1):
             name = f"{t}__copy{k}"

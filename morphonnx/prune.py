@@ -3,14 +3,13 @@
 Members are sliced along their axes (a weight may lose filters on axis 0 and inputs on axis 1);
 weights held in ``Constant`` / ``ConstantOfShape`` / folded nodes become plain initializers. The
 per-op bookkeeping (``group`` of depthwise convs, Reshape targets, Split sizes, Slice bounds, Resize
-sizes, Expand shapes) is done by the rewrite each rule names in ``morphonnx.rules.RULES``.
+sizes, Expand shapes) is done by each op's rewrite in the registry (``morphonnx.ops``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,200 +19,14 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
 
 from morphonnx.analysis import Analysis
-from morphonnx.costs import SOURCE_OPS, ShapeOf
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import atomic_write
-from morphonnx.graph import Node
 from morphonnx.load import SAME_SHAPE_WITHOUT_INFERENCE
-from morphonnx.rules import rule_for
+from morphonnx.ops import op_kind
+from morphonnx.ops.rewrite import RewriteContext
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Above this many weight bytes the pruned model is saved with external data (protobuf's 2 GB)."""
-
-
-@dataclass
-class RewriteContext:
-    """One node of the model being rewritten, with old and new tensor shapes."""
-
-    node: Node
-    proto: onnx.NodeProto
-    model: onnx.ModelProto
-    analysis: Analysis
-    new_shape: ShapeOf
-    kept: Callable[[str], np.ndarray | None]
-
-    def old_shape(self, tensor: str) -> tuple[int, ...]:
-        s = self.analysis.graph.shape(tensor)
-        assert s is not None
-        return s
-
-    def shape(self, tensor: str) -> tuple[int, ...]:
-        s = self.new_shape(tensor)
-        assert s is not None
-        return s
-
-    def changed(self, tensor: str) -> bool:
-        """Whether ``tensor`` lost channels; never for a tensor of unknown shape (its rule
-        stopped every channel it touches, so nothing about it can change)."""
-        old = self.analysis.graph.shape(tensor)
-        return old is not None and self.new_shape(tensor) != old
-
-    def const_input(self, i: int) -> np.ndarray | None:
-        if i >= len(self.proto.input) or not self.proto.input[i]:
-            return None
-        return self.analysis.graph.small_value(self.proto.input[i])
-
-    def bound_input(self, i: int) -> np.ndarray | None:
-        """Input ``i`` as a constant, or as computed from channel counts only (Slice bounds of
-        torch ``chunk``): its value in the original model."""
-        value = self.const_input(i)
-        if value is None and i < len(self.proto.input) and self.proto.input[i]:
-            value = self.analysis.solution.channels.shape_value(self.proto.input[i])
-        return value
-
-    def set_const_input(self, i: int, value: np.ndarray) -> None:
-        """Point input ``i`` at a new initializer (the old constant may be shared)."""
-        name = f"{self.node.name}__pruned_in{i}"
-        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
-        while len(self.proto.input) <= i:
-            self.proto.input.append("")
-        self.proto.input[i] = name
-
-    def set_attr(self, name: str, value: Any) -> None:
-        for k, a in enumerate(self.proto.attribute):
-            if a.name == name:
-                del self.proto.attribute[k]
-                break
-        self.proto.attribute.append(helper.make_attribute(name, value))
-
-
-def _conv_group(ctx: RewriteContext) -> None:
-    """A depthwise conv has one group per input channel: ``group`` follows the input width."""
-    g = int(ctx.node.attr("group", 1))
-    x, w = ctx.node.inputs[0], ctx.node.inputs[1]
-    if g == 1 or not ctx.changed(x):
-        return
-    cin = ctx.old_shape(x)[1]
-    per_group = (
-        ctx.old_shape(w)[0] // g if ctx.node.op_type == "ConvTranspose" else ctx.old_shape(w)[1]
-    )
-    if per_group == 1 and g == cin:
-        ctx.set_attr("group", ctx.shape(x)[1])
-
-
-def _reshape_target(ctx: RewriteContext) -> None:
-    out = ctx.node.outputs[0]
-    if not ctx.changed(out):
-        return
-    if "shape" in ctx.node.attrs:  # opset < 5
-        target = np.array(ctx.node.attr("shape"), dtype=np.int64)
-    else:
-        value = ctx.const_input(1)
-        if value is None:  # computed from shapes: written as the constant the rule made of it
-            value = ctx.analysis.solution.channels.targets.get(ctx.node.name)
-        if value is None:
-            return  # computed at run time from Shape ops, follows the pruned shapes by itself
-        target = value.astype(np.int64).copy()
-    new = ctx.shape(out)
-    for i, (old_d, new_d) in enumerate(zip(ctx.old_shape(out), new, strict=True)):
-        if old_d != new_d and target[i] not in (-1, 0):
-            target[i] = new_d
-    if "shape" in ctx.node.attrs:
-        ctx.set_attr("shape", target.tolist())
-    else:
-        ctx.set_const_input(1, target)
-
-
-def _split_sizes(ctx: RewriteContext) -> None:
-    x = ctx.node.inputs[0]
-    if not ctx.changed(x):
-        return
-    axis = int(ctx.node.attr("axis", 0)) % len(ctx.old_shape(x))
-    sizes = np.array([ctx.shape(t)[axis] for t in ctx.node.outputs], dtype=np.int64)
-    if ctx.analysis.graph.opset < 13:
-        ctx.set_attr("split", sizes.tolist())
-    else:
-        for k, a in enumerate(ctx.proto.attribute):
-            if a.name == "num_outputs":
-                del ctx.proto.attribute[k]
-                break
-        ctx.set_const_input(1, sizes)
-
-
-def _slice_bounds(ctx: RewriteContext) -> None:
-    x, y = ctx.node.inputs[0], ctx.node.outputs[0]
-    kept = ctx.kept(x)
-    if kept is None or not ctx.changed(x):
-        return
-    rank = len(ctx.old_shape(x))
-    axis = ctx.analysis.solution.channels.axis_of[x]
-    attr_form = "starts" in ctx.node.attrs
-    raw_axes = ctx.node.attr("axes") if attr_form else ctx.const_input(3)
-    if raw_axes is None:
-        raw_axes = range(
-            len(ctx.node.attr("starts")) if attr_form else ctx.old_shape(ctx.proto.input[1])[0]
-        )
-    axes = [int(v) % rank for v in raw_axes]
-    if axis not in axes:
-        return
-    if attr_form:
-        starts, ends = list(ctx.node.attr("starts")), list(ctx.node.attr("ends"))
-    else:  # constants, or computed from channel counts (the rule checked they are known)
-        bounds = [ctx.bound_input(i) for i in (1, 2)]
-        assert bounds[0] is not None and bounds[1] is not None
-        starts, ends = bounds[0].reshape(-1).tolist(), bounds[1].reshape(-1).tolist()
-    k = axes.index(axis)
-    n_in = ctx.old_shape(x)[axis]
-    start = starts[k] + n_in if starts[k] < 0 else starts[k]
-    start = max(0, min(n_in, start))
-    new_start = int(np.searchsorted(kept, start))
-    starts[k] = new_start
-    ends[k] = new_start + ctx.shape(y)[axis]
-    if attr_form:
-        ctx.set_attr("starts", starts)
-        ctx.set_attr("ends", ends)
-    else:
-        ctx.set_const_input(1, np.array(starts, dtype=np.int64))
-        ctx.set_const_input(2, np.array(ends, dtype=np.int64))
-
-
-def _resize_sizes(ctx: RewriteContext) -> None:
-    out = ctx.node.outputs[0]
-    if ctx.changed(out) and ctx.const_input(3) is not None:
-        ctx.set_const_input(3, np.array(ctx.shape(out), dtype=np.int64))
-
-
-def _expand_shape(ctx: RewriteContext) -> None:
-    out = ctx.node.outputs[0]
-    value = ctx.const_input(1)
-    if not ctx.changed(out) or value is None:
-        return
-    target = value.astype(np.int64).copy()
-    old, new = ctx.old_shape(out), ctx.shape(out)
-    offset = len(old) - len(target)
-    for i in range(len(target)):
-        if old[i + offset] != new[i + offset] and target[i] == old[i + offset]:
-            target[i] = new[i + offset]
-    ctx.set_const_input(1, target)
-
-
-def _group_norm_groups(ctx: RewriteContext) -> None:
-    """Whole groups are removed: ``num_groups`` follows the width at the group size."""
-    x = ctx.node.inputs[0]
-    if ctx.changed(x):
-        size = ctx.old_shape(x)[1] // int(ctx.node.attr("num_groups", 1))
-        ctx.set_attr("num_groups", ctx.shape(x)[1] // size)
-
-
-REWRITES: dict[str, Callable[[RewriteContext], None]] = {
-    "conv_group": _conv_group,
-    "reshape_target": _reshape_target,
-    "split_sizes": _split_sizes,
-    "slice_bounds": _slice_bounds,
-    "resize_sizes": _resize_sizes,
-    "expand_shape": _expand_shape,
-    "group_norm_groups": _group_norm_groups,
-}
 
 
 def sliced_constants(
@@ -326,9 +139,10 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     model = a.graph.model
     protos = list(model.graph.node)
     for node in a.graph.nodes:
-        rewrite = rule_for(node.op_type, node.standard).rewrite
+        rewrite = op_kind(node).rewrite
         if rewrite is not None:
-            REWRITES[rewrite](RewriteContext(node, protos[node.index], model, a, new_shape, kept))
+            proto = protos[node.index]
+            rewrite(RewriteContext(node, proto, model, a.graph, sol.channels, new_shape, kept))
     for node, proto in zip(sorted(a.graph.nodes, key=lambda n: n.index), protos, strict=True):
         if not proto.name:
             proto.name = node.name
@@ -452,10 +266,12 @@ def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]
     new_shape = a.shrunk_shapes(keep)
     layers = []
     for node in a.graph.nodes:
-        if node.op_type not in SOURCE_OPS or len(node.inputs) < 2:
+        layer = op_kind(node).layer
+        if layer is None or len(node.inputs) < 2:
             continue
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        if not a.graph.is_const(w):
+        w_shape = a.graph.shape(w)
+        if not a.graph.is_const(w) or w_shape is None:
             continue
         axis_in = a.solution.channels.axis_of.get(x, 1)
         axis_out = a.solution.channels.axis_of.get(y, 1)
@@ -466,8 +282,7 @@ def structure(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> dict[str, Any]
                 "node": node.name,
                 "op_type": node.op_type,
                 "weight": w,
-                "depthwise": int(node.attr("group", 1)) > 1
-                and int(node.attr("group", 1)) == (old_x[1] if len(old_x) > 1 else 0),
+                "depthwise": layer.depthwise(node, w_shape),
                 "in_channels": [old_x[axis_in], new_x[axis_in]] if old_x else None,
                 "out_channels": [old_y[axis_out], new_y[axis_out]] if old_y else None,
             }

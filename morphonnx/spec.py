@@ -19,6 +19,7 @@ from morphonnx.costs import node_macs
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import SPEC_FORMAT, VERSION, read_json
 from morphonnx.graph import Node
+from morphonnx.ops import Layer, op_kind
 
 
 def _side(a: Analysis, slot: Slot | None, width: int, gid_of: dict[int, str]) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def _side(a: Analysis, slot: Slot | None, width: int, gid_of: dict[int, str]) ->
     return {"groups": groups, "static": static}
 
 
-def _sides(a: Analysis, node: Node) -> tuple[str, int, str, int] | None:
+def _sides(a: Analysis, node: Node, layer: Layer) -> tuple[str, int, str, int] | None:
     """(input tensor, its channel axis, output tensor, its channel axis) of a cost-bearing op."""
     g = a.graph
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -50,15 +51,12 @@ def _sides(a: Analysis, node: Node) -> tuple[str, int, str, int] | None:
     xs, ys = g.shape(x), g.shape(y)
     if xs is None or ys is None:
         return None
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return x, 1, y, 1
-    if node.op_type == "Gemm":
-        return x, 0 if node.attr("transA", 0) else 1, y, 1
-    return x, len(xs) - 1, y, len(ys) - 1
+    ax, ay = layer.sides(node, len(xs), len(ys))
+    return x, ax, y, ay
 
 
 def cost_terms(a: Analysis) -> list[dict[str, Any]]:
-    """MorphNet cost terms of every Conv/ConvTranspose/Gemm/MatMul with a constant weight.
+    """MorphNet cost terms of every weighted layer (Conv, Gemm, MatMul, ...) with a constant weight.
 
     ``pair`` ops cost ``coeff * A_in * A_out``; ``depthwise`` ops cost ``coeff * A_out``, where
     ``A`` of a side is ``static + sum(per_channel * alive(group))``. Coefficients include the batch.
@@ -67,9 +65,10 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
     by_key = a.solution.channels.by_key
     terms = []
     for node in a.graph.nodes:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not node.standard:
+        layer = op_kind(node).layer
+        if layer is None:
             continue
-        sides = _sides(a, node)
+        sides = _sides(a, node, layer)
         if sides is None:
             continue
         x, ax, y, ay = sides
@@ -77,9 +76,7 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
         cin, cout = (g.shape(x) or ())[ax], (g.shape(y) or ())[ay]
         w_shape = g.shape(node.inputs[1]) or ()
         w_elems = int(np.prod(w_shape))
-        groups = int(node.attr("group", 1))
-        per_group_in = w_shape[0] // groups if node.op_type == "ConvTranspose" else w_shape[1]
-        depthwise = node.op_type in ("Conv", "ConvTranspose") and groups > 1 and per_group_in == 1
+        depthwise = layer.depthwise(node, w_shape)
         macs = node_macs(node, g.shape)
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
         bias_elems = int(np.prod(g.shape(bias) or ())) if bias and g.is_const(bias) else 0

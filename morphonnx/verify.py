@@ -20,20 +20,13 @@ from onnx import helper
 from onnx.external_data_helper import load_external_data_for_model
 
 from morphonnx.analysis import Analysis
+from morphonnx.ops import op_kind
 from morphonnx.prune import replace_constants, sliced_constants, sync_ir3_inputs
 
 RTOL = 1e-4
-NON_EXPANDING = frozenset(
-    """Relu LeakyRelu Sigmoid HardSigmoid Tanh Softmax Elu Clip Abs Neg Identity Dropout MaxPool
-    AveragePool GlobalAveragePool GlobalMaxPool Resize Upsample Pad Transpose Reshape Flatten
-    Squeeze Unsqueeze Concat Split Slice Gather Max Min""".split()
-)
-"""Ops that never enlarge an error (|f'| <= 1, or moving data): their outputs may deviate as much
-as their inputs did, measured at the inputs' scale. A saturated Sigmoid, whose outputs are all
-near 0, moves in steps of 2**-24 when its input moves by reassociation noise."""
+"""Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
 TINY = 1e-30
 """Slack for exact zeros and denormals (which runtimes may flush); everything else is relative."""
-"""Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
 
 
 @dataclass
@@ -189,9 +182,11 @@ def compare(
 
 
 def _input_scale(a: Analysis, name: str, ref: Mapping[str, np.ndarray]) -> float:
-    """The largest magnitude among the computed inputs of a non-expanding op (else 0)."""
+    """The largest magnitude among the computed inputs of a non-expanding op (else 0): its
+    outputs may deviate as much as its inputs did. A saturated Sigmoid, whose outputs are all
+    near 0, moves in steps of 2**-24 when its input moves by reassociation noise."""
     node = a.graph.producer.get(name)
-    if node is None or node.op_type not in NON_EXPANDING:
+    if node is None or op_kind(node).expands:
         return 0.0
     scales = [
         float(np.max(np.abs(ref[t][np.isfinite(ref[t])]), initial=0.0))

@@ -745,7 +745,7 @@ def test_prune_model_with_external_data(
 def test_analyze_lists_ops_without_a_rule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A custom-domain op and a standard op missing from the rule table are named, with counts."""
+    """A custom-domain op and a standard op missing from the op registry are named, with counts."""
     w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"]),

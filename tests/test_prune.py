@@ -507,7 +507,7 @@ def _w(*shape: int) -> np.ndarray:
 
 
 def test_one_channel_plus_trailing_constant_analyzes(tmp_path: Path) -> None:
-    """Conv(3->1) + Add(const of shape (8,), broadcast along W) made rules.elementwise tie the
+    """Conv(3->1) + Add(const of shape (8,), broadcast along W) made the elementwise rule tie the
     constant's axis 0 (size 8) to the one channel: AssertionError in analyze. The same crash hit
     ``analyze`` of a pruned model whose last group kept one channel before a MatMul + Add head
     (which the prune command runs after writing)."""
@@ -521,7 +521,7 @@ def test_one_channel_plus_trailing_constant_analyzes(tmp_path: Path) -> None:
 
 
 def test_one_channel_flatten_keeps_channel_axis(tmp_path: Path) -> None:
-    """rules.reshape_map put the one channel of Flatten (1,1,8,8) -> (1,64) on axis 0 (the
+    """reshape_map put the one channel of Flatten (1,1,8,8) -> (1,64) on axis 0 (the
     batch): a group pruned to one channel before a Flatten -> Gemm head then was unprunable in
     the pruned model ("Gemm ... expects channels of `f` on axis 1, they are on axis 0")."""
     nodes = [
@@ -561,3 +561,23 @@ def test_predicted_params_with_folded_constant(tmp_path: Path) -> None:
     )
     same_costs(actual, predicted)
     assert actual.params == 3 * 2 + 2 + 5 * 2
+
+
+def test_cumsum_along_space_prunes_and_verifies(tmp_path: Path) -> None:
+    """CumSum over H between two convs: the channels of ``w`` pass through it, a half mask
+    prunes and the pruned model matches the zeroed original tensor by tensor in onnxruntime."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+        helper.make_node("CumSum", ["c", "axis"], ["s"], reverse=1),
+        helper.make_node("Conv", ["s", "w2"], ["y"], kernel_shape=[1, 1]),
+    ]
+    inits = {"w": _w(4, 3, 1, 1), "axis": np.array(2, dtype=np.int64), "w2": _w(5, 4, 1, 1)}
+    path = _model(tmp_path / "m.onnx", nodes, inits, [1, 5, 8, 8])
+    (g,) = [g for g in analyze(path).solution.groups if g.prunable]
+    assert member_key(g) == {("w", 0), ("w2", 1)}
+    _, pruned, predicted, actual = prune_and_check(
+        path, {g.id: [False, True, True, False]}, tmp_path / "p.onnx"
+    )
+    same_costs(actual, predicted)
+    assert [n.op_type for n in pruned.graph.node] == ["Conv", "CumSum", "Conv"]
+    assert actual.macs == 64 * (2 * 3 + 5 * 2)

@@ -1,5 +1,5 @@
-"""The channel-rule table, one op kind at a time: small graphs built with onnx.helper, saved to
-disk, loaded with ``load_graph`` and solved; the exact groups are asserted.
+"""The channel rules of the op registry, one op kind at a time: small graphs built with
+onnx.helper, saved to disk, loaded with ``load_graph`` and solved; the exact groups are asserted.
 
 Most graphs have the shape ``x -> conv a (3 -> C) -> OP -> conv b (C -> 5) -> output``: the group
 under test is the one of ``a.weight`` axis 0 (the filters of ``a``), and the question is which other
@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx.defs
 import pytest
+from onnx import TensorProto
 from onnx_builders import (  # noqa: E402
+    FLOAT,
     INT64,
     Builder,
     activation,
@@ -26,7 +29,8 @@ from onnx_builders import (  # noqa: E402
 )
 
 from morphonnx.groups import Group, Solution  # noqa: E402
-from morphonnx.rules import RULES, reshape_map  # noqa: E402
+from morphonnx.ops import REGISTRY
+from morphonnx.ops.layout import reshape_map
 
 C = 8
 A_OWN = {("a.weight", 0), ("a.bias", 0)}
@@ -126,17 +130,6 @@ def test_intermediate_graph_output_stops_its_group(tmp_path: Path) -> None:
     assert member_keys(g) == A_OWN | {B_IN}
 
 
-def test_every_rule_is_exercised() -> None:
-    """Every rule function of the table is reached by an op kind that these tests build."""
-    here = Path(__file__).resolve().parent
-    files = ("test_rules.py", "test_groups.py", "test_block_groups.py")
-    source = "".join((here / name).read_text() for name in files)
-    built = {op for op in RULES if f'"{op}"' in source}
-    rule_functions = {RULES[op].channels.__name__ for op in RULES}
-    covered = {RULES[op].channels.__name__ for op in built}
-    assert rule_functions - covered == set()
-
-
 # --- unary, pools, normalization ------------------------------------------------------------
 
 
@@ -145,6 +138,50 @@ def test_unary_passes(tmp_path: Path, op: str) -> None:
     b = Builder()
     attrs: dict[str, Any] = {"to": 1} if op == "Cast" else {}
     head(b, b.node(op, [stem(b)], **attrs))
+    passes(b.solve(tmp_path))
+
+
+def _first_opset(op: str) -> int:
+    """The opset that introduced ``op`` (from onnx's own schemas)."""
+    return min(
+        s.since_version
+        for s in onnx.defs.get_all_schemas_with_history()
+        if s.name == op and s.domain == ""
+    )
+
+
+@pytest.mark.parametrize(
+    "op",
+    """Abs Acos Acosh Asin Asinh Atan Atanh Ceil Celu Cos Cosh Elu Erf Exp Floor Gelu HardSigmoid
+    HardSwish LeakyRelu Log Mish Neg Reciprocal Round Selu Shrink Sign Sin Sinh Softplus Softsign
+    Sqrt Tan Tanh ThresholdedRelu Swish""".split(),
+)
+def test_float_unary_passes(tmp_path: Path, op: str) -> None:
+    b = Builder(opset=max(17, _first_opset(op)))
+    head(b, b.node(op, [stem(b)]))
+    passes(b.solve(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [("CastLike", {})],
+        [("IsNaN", {}), ("Cast", {"to": FLOAT})],
+        [("IsInf", {}), ("Cast", {"to": FLOAT})],
+        [("IsNaN", {}), ("Not", {}), ("Cast", {"to": FLOAT})],
+        [("Cast", {"to": TensorProto.INT32}), ("BitwiseNot", {}), ("Cast", {"to": FLOAT})],
+    ],
+)
+def test_unary_chains_through_other_dtypes_pass(
+    tmp_path: Path, chain: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Unary ops on booleans and integers (masks, bit tricks) pass channels like float ones."""
+    b = Builder(opset=18)
+    t = stem(b)
+    like = b.init("like", np.zeros((), dtype=np.float32))
+    for op, attrs in chain:
+        t = b.node(op, [t, like] if op == "CastLike" else [t], **attrs)
+    head(b, t)
     passes(b.solve(tmp_path))
 
 
@@ -163,6 +200,8 @@ def test_clip_with_constant_bounds_passes(tmp_path: Path) -> None:
         ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
         ("GlobalAveragePool", {}),
         ("GlobalMaxPool", {}),
+        ("LpPool", {"kernel_shape": [2, 2], "p": 2}),
+        ("GlobalLpPool", {}),
     ],
 )
 def test_pools_pass(tmp_path: Path, op: str, attrs: dict) -> None:
@@ -358,6 +397,38 @@ def test_two_branches_are_tied(tmp_path: Path, op: str) -> None:
     g = a_group(sol)
     assert_plain(g, C, A_OWN | {("c.weight", 0), ("c.bias", 0), B_IN})
     assert len(sol.groups) == 4  # x, x2, the tied channels, the output
+
+
+@pytest.mark.parametrize(
+    "op, dtype, attrs",
+    [
+        ("Pow", None, {}),
+        ("Mod", None, {"fmod": 1}),
+        ("Equal", None, {}),
+        ("Less", None, {}),
+        ("LessOrEqual", None, {}),
+        ("GreaterOrEqual", None, {}),
+        ("And", TensorProto.BOOL, {}),
+        ("Or", TensorProto.BOOL, {}),
+        ("Xor", TensorProto.BOOL, {}),
+        ("BitShift", TensorProto.UINT8, {"direction": "LEFT"}),
+        ("BitwiseAnd", TensorProto.INT32, {}),
+        ("BitwiseOr", TensorProto.INT32, {}),
+        ("BitwiseXor", TensorProto.INT32, {}),
+    ],
+)
+def test_two_branches_of_other_dtypes_are_tied(
+    tmp_path: Path, op: str, dtype: int | None, attrs: dict[str, Any]
+) -> None:
+    """Comparisons, logic and bit ops tie the channels of their operands like Add."""
+    b = Builder(opset=18)
+    branches = [stem(b), b.conv(b.input("x2", [1, 3, 4, 4]), 3, C, prefix="c")]
+    if dtype is not None:
+        branches = [b.node("Cast", [t], to=dtype) for t in branches]
+    y = b.node(op, branches, **attrs)
+    head(b, y if op in ("Pow", "Mod") else b.node("Cast", [y], to=FLOAT))
+    g = a_group(b.solve(tmp_path))
+    assert_plain(g, C, A_OWN | {("c.weight", 0), ("c.bias", 0), B_IN})
 
 
 def test_add_with_graph_input_stops(tmp_path: Path) -> None:
@@ -1120,6 +1191,18 @@ def test_reduce_over_channels_stops(tmp_path: Path, op: str) -> None:
     stops(b.solve(tmp_path), f"{op} at node `red` reduces over the channel axis")
 
 
+@pytest.mark.parametrize(
+    "op",
+    """ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMin ReduceProd
+    ReduceSumSquare""".split(),
+)
+def test_other_reduces_over_space_pass(tmp_path: Path, op: str) -> None:
+    b = Builder(opset=13)
+    r = b.node(op, [stem(b)], axes=[2, 3], keepdims=0)
+    b.output(b.gemm(r, C, 5, prefix="fc"))
+    assert_plain(a_group(b.solve(tmp_path)), C, A_OWN | {("fc.weight", 1)})
+
+
 def test_reduce_over_all_axes_stops(tmp_path: Path) -> None:
     b = Builder(opset=13)
     r = b.node("ReduceMean", [stem(b)], name="red", keepdims=0)
@@ -1127,19 +1210,20 @@ def test_reduce_over_all_axes_stops(tmp_path: Path) -> None:
     stops(b.solve(tmp_path), "ReduceMean at node `red` reduces over the channel axis")
 
 
-def test_argmax(tmp_path: Path) -> None:
+@pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
+def test_arg_reduce(tmp_path: Path, op: str) -> None:
     b = Builder()
-    am = b.node("ArgMax", [stem(b)], axis=1, name="am")
+    am = b.node(op, [stem(b)], axis=1, name="am")
     b.output(am, dtype=INT64)
-    stops(b.solve(tmp_path), "ArgMax at node `am` reduces over the channel axis")
+    stops(b.solve(tmp_path), f"{op} at node `am` reduces over the channel axis")
     b = Builder()
-    am = b.node("ArgMax", [stem(b)], axis=3, keepdims=0)  # [1, C, 4]
+    am = b.node(op, [stem(b)], axis=3, keepdims=0)  # [1, C, 4]
     c = b.node("Cast", [b.node("Unsqueeze", [am, b.ints("ax", [3])])], to=1)
     head(b, c)
     passes(b.solve(tmp_path))
 
 
-@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])
 def test_softmax_over_channels_stops(tmp_path: Path, op: str) -> None:
     b = Builder()
     y = b.node(op, [stem(b)], axis=1, name="sm")
@@ -1165,6 +1249,43 @@ def test_softmax_opset11_flattens_from_axis(tmp_path: Path) -> None:
     y = b.node("Softmax", [stem(b)], name="sm")
     head(b, y)
     stops(b.solve(tmp_path), "Softmax at node `sm`")
+
+
+def _scalar(b: Builder, name: str, value: int) -> str:
+    return b.init(name, np.array(value, dtype=np.int64))
+
+
+@pytest.mark.parametrize("axis, reverse", [(2, 0), (3, 1), (-1, 0), (-2, 1)])
+def test_cumsum_along_space_passes(tmp_path: Path, axis: int, reverse: int) -> None:
+    b = Builder()
+    y = b.node("CumSum", [stem(b), _scalar(b, "axis", axis)], reverse=reverse)
+    head(b, y)
+    passes(b.solve(tmp_path))
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_cumsum_along_channels_stops(tmp_path: Path, axis: int) -> None:
+    b = Builder()
+    y = b.node("CumSum", [stem(b), _scalar(b, "axis", axis)], name="cs")
+    head(b, y)
+    stops(b.solve(tmp_path), "CumSum at node `cs` accumulates along the channel axis")
+
+
+def test_cumsum_nhwc_over_height_passes(tmp_path: Path) -> None:
+    """Channels last (after a Transpose): a CumSum over axis 1 (H) keeps them on axis 3."""
+    b = Builder()
+    t = b.node("Transpose", [stem(b)], perm=[0, 2, 3, 1])
+    y = b.node("CumSum", [t, _scalar(b, "axis", 1)], exclusive=1)
+    head(b, b.node("Transpose", [y], perm=[0, 3, 1, 2]))
+    passes(b.solve(tmp_path))
+
+
+def test_cumsum_with_axis_computed_at_run_time_stops(tmp_path: Path) -> None:
+    b = Builder()
+    axis = b.input("axis", [], INT64)
+    y = b.node("CumSum", [stem(b), axis], name="cs")
+    head(b, y)
+    stops(b.solve(tmp_path), "CumSum at node `cs` accumulates along an axis computed at run time")
 
 
 # --- quantization, shape, constants ---------------------------------------------------------------
@@ -1325,7 +1446,7 @@ def test_if_reading_channels_from_the_outer_graph_stops(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("op", ["NonZero", "TopK"])
 def test_default_domain_op_missing_from_table_stops(tmp_path: Path, op: str) -> None:
-    assert op not in RULES
+    assert op not in REGISTRY
     b = Builder()
     a = stem(b)
     if op == "TopK":

@@ -267,7 +267,7 @@ def test_shape_computed_reshape_prunes_at_opset_13(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Regression: at commit 4c2c79d prune crashed here (internal error, AssertionError in
-    prune.RewriteContext.shape / old_shape, reached from _reshape_target and _conv_group) on any
+    RewriteContext.shape / old_shape, reached from the Reshape and Conv rewrites) on any
     node with a rewrite whose tensors have no inferred shape, even one the mask does not touch
     (PP-OCRv4 rec / ppocr cls from rapidocr-onnxruntime, ddddocr's common.onnx, tf2onnx opset-13
     UpSampling2D). Passes with RewriteContext.changed returning False for unknown shapes."""
