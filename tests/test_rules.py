@@ -340,6 +340,22 @@ def test_einsum_stops(tmp_path: Path) -> None:
     stops(b.solve(tmp_path), "Einsum at node `es`")
 
 
+def test_group_normalization_ties_whole_groups(tmp_path: Path) -> None:
+    """Statistics per group: a group of C/G channels lives or dies whole, scale and bias too."""
+    b = Builder(opset=21)
+    y = b.node(
+        "GroupNormalization",
+        [stem(b), b.init("gn.scale", [C]), b.init("gn.bias", [C])],
+        num_groups=2,
+        name="gn",
+    )
+    head(b, y)
+    g = a_group(b.solve(tmp_path))
+    assert g.prunable and g.channels == 2
+    for m in g.members:
+        assert m.positions == [[0, 1, 2, 3], [4, 5, 6, 7]], m.tensor
+
+
 # --- element-wise and broadcasting -----------------------------------------------------------
 
 
