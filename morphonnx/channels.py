@@ -18,10 +18,10 @@ from functools import cached_property
 from typing import Literal
 
 import numpy as np
-from onnx import numpy_helper
 
-from morphonnx.fold import FOLDS
-from morphonnx.graph import Graph, Node, Shape
+from morphonnx.graph import Graph
+from morphonnx.ir import Node, Shape
+from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
 
 Role = Literal["", "producer", "consumer", "gamma", "beta", "stat", "bias", "scale", "const"]
 """What a weight slice is to its channel: ``producer`` (a filter of the layer that makes the
@@ -101,19 +101,20 @@ class Channels:
         counts only: those are fixed by the weights, so it has this value in every run, and in
         the pruned model it may be written as a constant. None otherwise (it reads a batch or
         spatial dim, or is not such a computation)."""
-        exact = _evaluate(self.graph, tensor, lambda t, s: s, {})
-        if exact is None:
+        exact = self._values(self.graph.shape).value(tensor)
+        if exact is None or exact.dtype.kind not in "iu":
             return None
 
         live = self.live
 
-        def others_moved(t: str, shape: Shape) -> Shape:
-            if t not in live:  # a shape computation's own size (a pads list): fixed
-                return shape
+        def others_moved(t: str) -> Shape | None:
+            shape = self.graph.shape(t)
+            if t not in live or shape is None or any(d < 0 for d in shape):
+                return shape  # a shape computation's own size (pads) is fixed
             a = self.axis_of.get(t)
             return tuple(d if i == a else 2 * d + 3 for i, d in enumerate(shape))
 
-        moved = _evaluate(self.graph, tensor, others_moved, {})
+        moved = self._values(others_moved).value(tensor)
         return exact if moved is not None and np.array_equal(moved, exact) else None
 
     def shape_dependence(self, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -123,9 +124,10 @@ class Channels:
         moves with the others follows the input at run time. None if it cannot be evaluated."""
         live = self.live
 
-        def moved(channels: bool) -> Callable[[str, Shape], Shape]:
-            def shape_of(t: str, shape: Shape) -> Shape:
-                if t not in live:
+        def moved(channels: bool) -> Callable[[str], Shape | None]:
+            def shape_of(t: str) -> Shape | None:
+                shape = self.graph.shape(t)
+                if t not in live or shape is None or any(d < 0 for d in shape):
                     return shape
                 a = None if channels else self.axis_of.get(t)
                 return tuple(d if i == a else 2 * d + 3 for i, d in enumerate(shape))
@@ -133,76 +135,19 @@ class Channels:
             return shape_of
 
         values = [
-            _evaluate(self.graph, tensor, f, {})
-            for f in (lambda t, s: s, moved(channels=False), moved(channels=True))
+            self._values(f).value(tensor)
+            for f in (self.graph.shape, moved(channels=False), moved(channels=True))
         ]
-        if any(v is None or v.shape != values[0].shape for v in values):  # type: ignore[union-attr]
-            return None
         exact, others, every = values
-        assert exact is not None and others is not None and every is not None
+        if exact is None or others is None or every is None:
+            return None
+        if exact.dtype.kind not in "iu" or not exact.shape == others.shape == every.shape:
+            return None
         return exact, others, every
 
-
-SHAPE_VALUE_LIMIT = 64
-"""Elements of a shape computation's value (shape vectors, bounds, sizes)."""
-
-
-def _evaluate(
-    graph: Graph,
-    tensor: str,
-    shape_of: Callable[[str, Shape], Shape],
-    memo: dict[str, np.ndarray | None],
-    depth: int = 0,
-) -> np.ndarray | None:
-    """``tensor``'s value from small integer constants and ``Shape`` / ``Size`` of tensors of
-    known shape (as ``shape_of`` reports them), through the ops constant folding knows."""
-    if tensor not in memo:
-        memo[tensor] = _evaluate_node(graph, tensor, shape_of, memo, depth)
-    return memo[tensor]
-
-
-def _evaluate_node(
-    graph: Graph,
-    tensor: str,
-    shape_of: Callable[[str, Shape], Shape],
-    memo: dict[str, np.ndarray | None],
-    depth: int,
-) -> np.ndarray | None:
-    if graph.is_const(tensor):
-        v = graph.small_value(tensor, SHAPE_VALUE_LIMIT)
-        return v if v is not None and v.dtype.kind in "iu" else None
-    node = graph.producer.get(tensor)
-    if node is None or not node.standard or depth > 64 or node.outputs[:1] != [tensor]:
-        return None
-    if node.op_type in ("Shape", "Size"):
-        x = node.inputs[0]
-        shape = graph.shape(x)
-        if shape is None or any(d < 0 for d in shape):
-            return None
-        dims = np.array(shape_of(x, shape), dtype=np.int64)
-        if node.op_type == "Size":
-            return np.array(np.prod(dims), dtype=np.int64)
-        return dims[node.attr("start", 0) : node.attr("end", None)]
-    if node.op_type == "ConstantOfShape":  # torch's pad vectors: zeros up to the full rank
-        size = _evaluate(graph, node.inputs[0], shape_of, memo, depth + 1)
-        fill = node.attr("value")
-        if size is None or fill is None or size.size != 1:
-            return None
-        value = numpy_helper.to_array(fill).reshape(-1)
-        if value.dtype.kind not in "iu" or not 0 <= int(size[0]) <= SHAPE_VALUE_LIMIT:
-            return None
-        return np.full(int(size[0]), value[0], dtype=value.dtype)
-    fold = FOLDS.get(node.op_type)
-    if fold is None:
-        return None
-    inputs = [_evaluate(graph, t, shape_of, memo, depth + 1) if t else None for t in node.inputs]
-    if any(v is None for t, v in zip(node.inputs, inputs, strict=True) if t):
-        return None
-    try:
-        value = np.asarray(fold(node, inputs))
-    except Exception:  # malformed: not a shape computation this can follow
-        return None
-    return value if value.dtype.kind in "iu" and value.size <= SHAPE_VALUE_LIMIT else None
+    def _values(self, shape_of: Callable[[str], Shape | None]) -> ShapeValues:
+        g = self.graph
+        return ShapeValues(lambda t: g.small_value(t, SHAPE_VALUE_LIMIT), g.producer.get, shape_of)
 
 
 class RuleContext:

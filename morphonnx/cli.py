@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from morphonnx.devices import DEFAULT_DEVICES
 from morphonnx.errors import MorphonnxError
-
-DEFAULT_DEVICES = ["V100"]
 
 
 def _input_shape(text: str) -> tuple[str, list[int]]:
@@ -99,18 +98,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _analysis(args: argparse.Namespace) -> Any:
-    from morphonnx.analysis import analyze
-    from morphonnx.devices import resolve_device
+    from morphonnx.api import analyze_file
 
-    devices = [resolve_device(d) for d in (args.device or DEFAULT_DEVICES)]
-    a = analyze(args.model, batch=args.batch, input_shapes=dict(args.input_shape), devices=devices)
+    a = analyze_file(
+        args.model,
+        batch=args.batch,
+        input_shapes=dict(args.input_shape),
+        devices=args.device or DEFAULT_DEVICES,
+    )
+    _batch_note(args, a)
+    return a
+
+
+def _batch_note(args: argparse.Namespace, a: Any) -> None:
     if args.batch != 1 and not a.graph.batch_used:
         print(
             f"morphonnx: note: --batch {args.batch} changes nothing: {args.model} has no dynamic "
             "batch dim (use --input-shape to set input shapes)",
             file=sys.stderr,
         )
-    return a
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -161,12 +167,11 @@ def cmd_analyze(args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_spec(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.api import make_spec
     from morphonnx.formats import write_json
-    from morphonnx.spec import build_spec
 
     _check_outputs(args, args.output)
-    a = _analysis(args)
-    spec = build_spec(a)
+    spec = make_spec(_analysis(args))
     write_json(args.output, spec)
     prunable = [g for g in spec["groups"] if g["prunable"]]
     console.print(
@@ -176,10 +181,9 @@ def cmd_spec(args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_mask(args: argparse.Namespace, console: Any) -> None:
+    from morphonnx.api import make_mask
     from morphonnx.formats import write_json
-    from morphonnx.mask import auto_threshold, group_values, make_mask
     from morphonnx.report import plot_values, print_mask
-    from morphonnx.spec import read_spec
 
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise MorphonnxError(f"--threshold must be a finite number, got {args.threshold}")
@@ -187,69 +191,51 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
         raise MorphonnxError(f"--l1-fraction must be between 0 and 1, got {args.l1_fraction}")
     _check_outputs(args, args.output, args.plot)
     a = _analysis(args)
-    spec = read_spec(args.spec, a.fingerprint)
-    values = group_values(a, spec, args.kind, args.l1_fraction)
-    if not values:
-        raise MorphonnxError(f"{args.spec}: no prunable group has a regularization source")
-    if args.auto:
-        threshold, note = auto_threshold(values)
-        console.print(note)
-    else:
-        threshold = args.threshold
-    result = make_mask(values, threshold)
+    result = make_mask(
+        a, args.spec, threshold=args.threshold, kind=args.kind, l1_fraction=args.l1_fraction
+    )
+    if result.note:
+        console.print(result.note)
     if result.rescued:
         console.print(
-            f"[yellow]threshold {threshold:.3g} kills every channel of {', '.join(result.rescued)}:"
-            " kept the strongest channel of each[/yellow]"
+            f"[yellow]threshold {result.threshold:.3g} kills every channel of "
+            f"{', '.join(result.rescued)}: kept the strongest channel of each[/yellow]"
         )
     _, predicted = a.predict(result.keep)
     print_mask(console, a, result.keep, predicted, result.rescued)
     if args.plot:
-        plot_values(values, threshold, args.plot)
+        plot_values(result.values, result.threshold, args.plot)
         console.print(f"wrote {args.plot}")
     write_json(args.output, result.document(a.fingerprint, args.kind))
     console.print(f"wrote {args.output}")
 
 
 def cmd_prune(args: argparse.Namespace, console: Any) -> None:
-    from morphonnx.analysis import Analysis, analyze
-    from morphonnx.formats import write_json
-    from morphonnx.mask import load_mask
-    from morphonnx.prune import check_pruned, prune_model, save_model, structure
+    from morphonnx.api import VerificationFailed, prune_file
     from morphonnx.report import print_verification, totals_table
-    from morphonnx.verify import verify
 
     _check_outputs(args, args.output, args.structure)
-    a = _analysis(args)
-    keep = load_mask(a, args.mask)
-    _, predicted = a.predict(keep)
-    layers = structure(a, keep)
-    pruned = prune_model(a, keep)
-    after: list[Analysis] = []
-
-    def check(written: Path) -> None:
-        """Runs on the written file before it takes the output's name."""
-        check_pruned(written, args.output)
-        if not args.no_verify:
-            v = verify(_analysis(args), keep, pruned)
-            print_verification(console, v)
-            if not v.ok:
-                raise MorphonnxError(
-                    f"{args.output}: pruned model differs from the masked original "
-                    f"({v.failures[0]}); nothing written"
-                )
-        shapes = dict(args.input_shape)
-        after.append(analyze(written, batch=args.batch, input_shapes=shapes, devices=a.devices))
-        if args.structure:
-            write_json(args.structure, layers)
-
-    save_model(pruned, args.output, a.graph.path, check)
-    console.print(
-        totals_table(
-            "Before and after", [("before", a.totals), ("after", after[0].totals)], a.devices
+    try:
+        report = prune_file(
+            args.model,
+            args.mask,
+            args.output,
+            verify=not args.no_verify,
+            structure=args.structure,
+            batch=args.batch,
+            input_shapes=dict(args.input_shape),
+            devices=args.device or DEFAULT_DEVICES,
         )
-    )
-    if after[0].totals.macs != predicted.macs or after[0].totals.params != predicted.params:
+    except VerificationFailed as failed:
+        print_verification(console, failed.verification)
+        raise
+    a = report.analysis
+    _batch_note(args, a)
+    if report.verification is not None:
+        print_verification(console, report.verification)
+    rows = [("before", a.totals), ("after", report.measured)]
+    console.print(totals_table("Before and after", rows, a.devices))
+    if not report.as_predicted:
         console.print("[yellow]note: costs differ from the mask's prediction[/yellow]")
     if args.structure:
         console.print(f"wrote {args.structure}")

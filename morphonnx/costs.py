@@ -19,7 +19,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from morphonnx.devices import Device
-from morphonnx.graph import Graph, Node
+from morphonnx.graph import Graph
+from morphonnx.ir import Node
 from morphonnx.ops import ShapeOf, numel, op_kind
 
 

@@ -24,7 +24,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-__all__ = ["BUILTIN", "Device", "list_devices", "resolve_device"]
+__all__ = ["BUILTIN", "DEFAULT_DEVICES", "Device", "list_devices", "resolve_device"]
+
+DEFAULT_DEVICES = ("V100",)
+"""Devices costed when none are named (MorphNet's own reference device)."""
 
 _GIGA = 1e9
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from morphonnx.graph import Node
+from morphonnx.ir import Node, Shape
 
 Fold = Callable[[Node, Sequence[np.ndarray | None]], np.ndarray]
 
@@ -145,3 +145,11 @@ FOLDS: dict[str, Fold] = {
 }
 """Ops folded when every input is constant: shape views, the arithmetic of BN decompositions, and
 the integer ops exporters use to compute Reshape targets from ``Shape``."""
+
+
+def constant_of_shape(node: Node, shape: Shape) -> np.ndarray:
+    """The value of a ``ConstantOfShape`` node: its ``value`` attribute (float32 0 when absent,
+    as ONNX specifies) repeated to ``shape``."""
+    fill = node.attr("value")
+    value = numpy_helper.to_array(fill).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+    return np.full(shape, value[0], dtype=value.dtype)

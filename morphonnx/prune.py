@@ -20,10 +20,12 @@ from onnx.external_data_helper import load_external_data_for_model, load_externa
 
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import atomic_write
-from morphonnx.load import SAME_SHAPE_WITHOUT_INFERENCE
+from morphonnx.formats import atomic_write, fingerprint
+from morphonnx.load.files import read_model
+from morphonnx.load.shapes import SAME_SHAPE_WITHOUT_INFERENCE
 from morphonnx.ops import op_kind
 from morphonnx.ops.rewrite import RewriteContext
+from morphonnx.tensors import all_tensors
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Above this many weight bytes the pruned model is saved with external data (protobuf's 2 GB)."""
@@ -121,12 +123,17 @@ def sync_ir3_inputs(model: onnx.ModelProto) -> None:
 
 
 def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelProto:
-    """The pruned model (the analysis's own proto is modified in place, to keep memory low)."""
+    """The pruned model, built on a fresh read of the analysed file, so the analysis stays whole
+    (verification and cost prediction still read it). Weights stay on disk until the end: the
+    sliced ones are read from the mapped file and only the untouched ones are ever copied."""
+    model, lazy = read_model(a.graph.path)
+    if fingerprint(model) != a.fingerprint:
+        raise MorphonnxError(f"{a.graph.path}: the file changed since it was analysed")
     sol = a.solution
     dead = sol.dead_labels({k: list(v) for k, v in keep.items()})
     if not dead.any():
-        _restore_weights(a)
-        return a.graph.model
+        lazy.restore(model)
+        return model
     new_shape = a.shrunk_shapes(keep)
     values = sliced_constants(a, dead, lambda v, axis, idx: np.delete(v, idx, axis=axis))
 
@@ -136,7 +143,6 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
             return None
         return sol.kept(sol.channels.by_key[(tensor, axis)], dead)
 
-    model = a.graph.model
     protos = list(model.graph.node)
     for node in a.graph.nodes:
         rewrite = op_kind(node).rewrite
@@ -153,15 +159,8 @@ def prune_model(a: Analysis, keep: Mapping[str, Sequence[bool]]) -> onnx.ModelPr
     del model.graph.value_info[:]
     model.graph.value_info.extend(vis)
     sync_ir3_inputs(model)
-    _restore_weights(a)
+    lazy.restore(model)
     return model
-
-
-def _restore_weights(a: Analysis) -> None:
-    """Weights the loader left on disk go into the proto to be saved. Done last, so the sliced
-    ones were read from the mapped file and only the untouched ones are ever copied."""
-    if a.graph.lazy is not None:
-        a.graph.lazy.restore(a.graph.model)
 
 
 def save_model(
@@ -169,10 +168,10 @@ def save_model(
     out: str | os.PathLike[str],
     source: Path,
     check: Callable[[Path], None] | None = None,
-) -> None:
+) -> list[Path]:
     """Save atomically, never over the input; big models get external data beside the output.
     ``check(path)`` runs on the written file before it is moved to ``out``: if it raises, nothing
-    is left at ``out`` (nor a data file beside it)."""
+    is left at ``out`` (nor a data file beside it). Returns the files written."""
     target = Path(out)
     if target.exists() and target.resolve() == source.resolve():
         raise MorphonnxError(f"{target}: refusing to overwrite the input model")
@@ -213,28 +212,13 @@ def save_model(
         if external:
             data.unlink(missing_ok=True)
         raise
-
-
-def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    found = list(graph.initializer)
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                found.append(a.t)
-            elif a.type == onnx.AttributeProto.TENSORS:
-                found.extend(a.tensors)
-            elif a.type == onnx.AttributeProto.GRAPH:
-                found.extend(_all_tensors(a.g))
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    found.extend(_all_tensors(sg))
-    return found
+    return [target, data] if external else [target]
 
 
 def _internalize(model: onnx.ModelProto, base_dir: Path) -> None:
     """Undo what saving with external data did to ``model`` in memory: every tensor marked as
     external gets its bytes back (from the proto if still there, else from ``base_dir``)."""
-    for t in _all_tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         if t.HasField("raw_data"):  # marked but not written yet (the save failed)

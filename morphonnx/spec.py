@@ -18,7 +18,7 @@ from morphonnx.channels import Slot
 from morphonnx.costs import node_macs
 from morphonnx.errors import MorphonnxError
 from morphonnx.formats import SPEC_FORMAT, VERSION, read_json
-from morphonnx.graph import Node
+from morphonnx.ir import Node
 from morphonnx.ops import Layer, op_kind
 
 

@@ -22,6 +22,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from morphonnx.analysis import Analysis
 from morphonnx.ops import op_kind
 from morphonnx.prune import replace_constants, sliced_constants, sync_ir3_inputs
+from morphonnx.shapevalue import shape_derived
 
 RTOL = 1e-4
 """Allowed deviation relative to the largest magnitude of the tensor (float reassociation only)."""
@@ -72,24 +73,6 @@ def random_feeds(a: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
         else:
             feeds[name] = np.zeros(shape, dtype=dtype)
     return feeds
-
-
-def shape_computations(model: onnx.ModelProto) -> set[str]:
-    """Tensors computed from tensor shapes (Shape, Size and what follows only from them): they
-    legitimately change when channels are removed and are not compared."""
-    consts = {t.name for t in model.graph.initializer}
-    derived: set[str] = set()
-    for n in model.graph.node:
-        if n.op_type in ("Shape", "Size"):
-            derived.update(n.output)
-        elif n.op_type == "Constant":
-            consts.update(n.output)
-        elif n.input and all(t in derived or t in consts or not t for t in n.input):
-            if any(t in derived for t in n.input):
-                derived.update(n.output)
-            else:  # computed from constants only (Cast(Concat(Unsqueeze(Constant)))): constant
-                consts.update(n.output)
-    return derived
 
 
 def run_all(
@@ -207,4 +190,4 @@ def verify(
         ref = run_all(reference, feeds, folder, "reference")
         # a pruned model not saved yet still reads untouched weights from the input's data file
         got = run_all(pruned, feeds, folder, "pruned", base_dir=a.graph.path.absolute().parent)
-    return compare(a, keep, ref, got, shape_computations(reference))
+    return compare(a, keep, ref, got, shape_derived(reference.graph))

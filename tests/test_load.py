@@ -16,7 +16,7 @@ import pytest
 from light_models import light_model_paths  # noqa: E402
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-import morphonnx.load
+import morphonnx.load.files
 from morphonnx.costs import op_costs, totals
 from morphonnx.errors import MorphonnxError
 from morphonnx.graph import Graph
@@ -654,7 +654,7 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", str(p))
 
-    monkeypatch.setattr(morphonnx.load, "read_stripped", denied)  # root ignores chmod 000
+    monkeypatch.setattr(morphonnx.load.files, "read_stripped", denied)  # root ignores chmod 000
     msg = _error(p)
     assert "cannot read" in msg and "Permission denied" in msg
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx.defs
 import pytest
 
-from morphonnx.graph import Node
+from morphonnx.ir import Node
 from morphonnx.ops import REGISTRY, UNSUPPORTED, op_kind
 
 HERE = Path(__file__).resolve().parent

@@ -867,13 +867,12 @@ def export_spec(
     """
     import tempfile
 
-    from morphonnx.analysis import analyze
+    from morphonnx.api import make_spec
     from morphonnx.formats import write_json
-    from morphonnx.spec import build_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export_onnx(model, example_inputs, path, **export_kwargs)
-        spec = build_spec(analyze(path))
+        spec = make_spec(path, devices=())
     write_json(spec_path, spec)
     return spec

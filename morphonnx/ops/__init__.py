@@ -9,7 +9,7 @@ gets :data:`UNSUPPORTED`: it stops every group it touches, nothing unknown passe
 from __future__ import annotations
 
 from morphonnx.channels import RuleContext
-from morphonnx.graph import Node
+from morphonnx.ir import Node
 from morphonnx.ops import (
     conv,
     elementwise,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from morphonnx.channels import RuleContext, Slot
-from morphonnx.graph import Node, Shape
+from morphonnx.ir import Node, Shape
 from morphonnx.ops.common import mixes
 from morphonnx.ops.kind import ChannelRule, Grouping, Layer, Macs, OpKind, numel
 from morphonnx.ops.rewrite import RewriteContext

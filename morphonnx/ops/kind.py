@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from morphonnx.channels import RuleContext
-from morphonnx.graph import Node, Shape
+from morphonnx.ir import Node, Shape
 from morphonnx.ops.rewrite import RewriteContext
 
 ShapeOf = Callable[[str], Shape | None]

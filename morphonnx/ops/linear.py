@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from morphonnx.channels import RuleContext
-from morphonnx.graph import Node, Shape
+from morphonnx.ir import Node, Shape
 from morphonnx.ops.common import mixes, mixing, passthrough
 from morphonnx.ops.kind import Layer, OpKind, numel
 

@@ -11,7 +11,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from morphonnx.channels import Channels
-from morphonnx.graph import Graph, Node, Shape
+from morphonnx.graph import Graph
+from morphonnx.ir import Node, Shape
 
 
 @dataclass
