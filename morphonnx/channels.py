@@ -145,6 +145,11 @@ class Channels:
             return None
         return exact, others, every
 
+    def value_at(self, tensor: str, shape_of: Callable[[str], Shape | None]) -> np.ndarray | None:
+        """A shape computation's value when the tensors have the shapes ``shape_of`` gives (the
+        pruned ones: does a computed Reshape target follow them?)."""
+        return self._values(shape_of).value(tensor)
+
     def _values(self, shape_of: Callable[[str], Shape | None]) -> ShapeValues:
         g = self.graph
         return ShapeValues(lambda t: g.small_value(t, SHAPE_VALUE_LIMIT), g.producer.get, shape_of)

@@ -212,10 +212,12 @@ def reshape_target(ctx: RewriteContext) -> None:
         target = np.array(ctx.node.attr("shape"), dtype=np.int64)
     else:
         value = ctx.const_input(1)
-        if value is None:  # computed from shapes: written as the constant the rule made of it
+        if value is None:  # computed from shapes: if it does not follow the pruned shapes by
+            if _follows(ctx):  # itself (torch reads a width from another tensor), it is
+                return  # written as the constant the rule made of it
             value = ctx.channels.targets.get(ctx.node.name)
         if value is None:
-            return  # computed at run time from Shape ops, follows the pruned shapes by itself
+            return
         target = value.astype(np.int64).copy()
     new = ctx.shape(out)
     for i, (old_d, new_d) in enumerate(zip(ctx.old_shape(out), new, strict=True)):
@@ -225,6 +227,19 @@ def reshape_target(ctx: RewriteContext) -> None:
         ctx.set_attr("shape", target.tolist())
     else:
         ctx.set_const_input(1, target)
+
+
+def _follows(ctx: RewriteContext) -> bool:
+    """Whether the computed target, evaluated on the pruned shapes, gives the pruned output."""
+    target = ctx.channels.value_at(ctx.node.inputs[1], ctx.new_shape)
+    x_shape = ctx.new_shape(ctx.node.inputs[0])
+    if target is None or x_shape is None:
+        return False
+    dims = [x_shape[i] if v == 0 and i < len(x_shape) else int(v) for i, v in enumerate(target)]
+    if dims.count(-1) == 1:
+        rest = math.prod(d for d in dims if d != -1)
+        dims[dims.index(-1)] = math.prod(x_shape) // rest if rest else -1
+    return tuple(dims) == ctx.shape(ctx.node.outputs[0])
 
 
 def resize_sizes(ctx: RewriteContext) -> None:
