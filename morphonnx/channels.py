@@ -65,6 +65,8 @@ class Channels:
     ties_a: list[np.ndarray] = field(default_factory=list)
     ties_b: list[np.ndarray] = field(default_factory=list)
     stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    zero_memo: dict[str, bool] = field(default_factory=dict)  # ops.linear.zero_when_dead
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # ops.layout.constant_target
 
     def slot_for(self, tensor: str, axis: int, *, const: bool, role: Role = "") -> Slot:
         key = (tensor, axis)
@@ -129,6 +131,34 @@ class Channels:
 
         moved = self._values(others_moved).value(tensor)
         return exact if moved is not None and np.array_equal(moved, exact) else None
+
+    def shape_dependence(self, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A shape computation evaluated three times: at the graph's shapes, with every batch or
+        spatial dim moved, and with every dim moved (channels too). An entry equal in all three is
+        a constant; one that moves only with the channels depends on channel counts; one that
+        moves with the others follows the input at run time. None if it cannot be evaluated."""
+        live = self.live
+
+        def moved(channels: bool) -> Callable[[str], Shape | None]:
+            def shape_of(t: str) -> Shape | None:
+                shape = self.graph.shape(t)
+                if t not in live or shape is None or any(d < 0 for d in shape):
+                    return shape
+                a = None if channels else self.axis_of.get(t)
+                return tuple(d if i == a else 2 * d + 3 for i, d in enumerate(shape))
+
+            return shape_of
+
+        values = [
+            self._values(f).value(tensor)
+            for f in (self.graph.shape, moved(channels=False), moved(channels=True))
+        ]
+        exact, others, every = values
+        if exact is None or others is None or every is None:
+            return None
+        if exact.dtype.kind not in "iu" or not exact.shape == others.shape == every.shape:
+            return None
+        return exact, others, every
 
     def run_time_values(self, tensor: str) -> list[np.ndarray] | None:
         """A small integer tensor computed at run time from shapes (TF "same" pads from the input

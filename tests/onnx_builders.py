@@ -45,8 +45,10 @@ class Builder:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
         return name
 
-    def output(self, name: str, dtype: int = FLOAT) -> str:
-        self.outputs.append(helper.make_tensor_value_info(name, dtype, None))
+    def output(
+        self, name: str, dtype: int = FLOAT, shape: Sequence[int | str] | None = None
+    ) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
         return name
 
     def declare(self, name: str, shape: Sequence[int], dtype: int = FLOAT) -> str:

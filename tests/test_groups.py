@@ -264,26 +264,6 @@ def test_depthwise_separable_block(tmp_path: Path) -> None:
     )
 
 
-def test_channel_shuffle_is_unprunable(tmp_path: Path) -> None:
-    b = Builder()
-    x = b.input("x", [1, 3, 4, 4])
-    a = b.relu(b.conv(x, 3, 8, 1, prefix="a"))
-    r = b.node("Reshape", [a, b.ints("to5d", [1, 2, 4, 4, 4])], name="shuffle_reshape")
-    t = b.node("Transpose", [r], perm=[0, 2, 1, 3, 4], name="shuffle_transpose")
-    r2 = b.node("Reshape", [t, b.ints("to4d", [1, 8, 4, 4])], name="shuffle_back")
-    b.output(b.conv(r2, 8, 5, 1, prefix="b"))
-    sol = b.solve(tmp_path)
-    assert len(sol.groups) == 4
-    g = group_of(sol, "a.weight", 0)
-    assert not g.prunable and g.channels == 8
-    assert member_keys(g) == conv_keys("a")
-    assert g.reason is not None
-    assert "Reshape at node `shuffle_reshape` splits the channel axis" in g.reason
-    after = group_of(sol, "b.weight", 1)
-    assert not after.prunable and member_keys(after) == {("b.weight", 1)}
-    assert after.reason is not None and "Reshape at node `shuffle_reshape`" in after.reason
-
-
 def test_squeeze_excitation_expand_joins_the_trunk(tmp_path: Path) -> None:
     b = Builder()
     t = b.relu(b.conv(b.input("x", [1, 3, 8, 8]), 3, 8, prefix="a"))

@@ -340,7 +340,8 @@ def test_einsum_stops(tmp_path: Path) -> None:
     stops(b.solve(tmp_path), "Einsum at node `es`")
 
 
-def test_group_normalization_stops(tmp_path: Path) -> None:
+def test_group_normalization_ties_whole_groups(tmp_path: Path) -> None:
+    """Statistics per group: a group of C/G channels lives or dies whole, scale and bias too."""
     b = Builder(opset=21)
     y = b.node(
         "GroupNormalization",
@@ -349,7 +350,10 @@ def test_group_normalization_stops(tmp_path: Path) -> None:
         name="gn",
     )
     head(b, y)
-    stops(b.solve(tmp_path), "GroupNormalization at node `gn` normalizes groups of channels")
+    g = a_group(b.solve(tmp_path))
+    assert g.prunable and g.channels == 2
+    for m in g.members:
+        assert m.positions == [[0, 1, 2, 3], [4, 5, 6, 7]], m.tensor
 
 
 # --- element-wise and broadcasting -----------------------------------------------------------
@@ -764,14 +768,15 @@ def test_matmul_with_constant_weight(tmp_path: Path) -> None:
     assert member(g, "w1").role == "producer" and member(g, "w2").role == "consumer"
 
 
-def test_matmul_between_two_activations_stops(tmp_path: Path) -> None:
+def test_matmul_contracting_channels_nonzero_on_both_sides_stops(tmp_path: Path) -> None:
+    """A dead channel is zero on neither side (Sigmoid(0) = 1/2): its term would stay."""
     b = Builder()
-    a = stem(b)
+    a = b.node("Sigmoid", [stem(b)])
     r = b.node("Reshape", [a, b.ints("shp", [1, C, 16])])  # [1, C, 16]
     t = b.node("Transpose", [r], perm=[0, 2, 1])  # [1, 16, C]
     att = b.node("MatMul", [t, r], name="qk")  # [1, 16, 16]
     b.output(att)
-    stops(b.solve(tmp_path), "MatMul at node `qk` multiplies computed tensors")
+    stops(b.solve(tmp_path), "MatMul at node `qk` contracts channels", "not zero when removed")
 
 
 def test_matmul_channels_on_row_axis(tmp_path: Path) -> None:
@@ -908,8 +913,9 @@ def test_squeeze_opset11_attribute_form(tmp_path: Path) -> None:
 
 
 def test_reshape_splitting_channels_stops(tmp_path: Path) -> None:
+    """6 channels x 16 pixels into 4 x 24: no axis holds whole channels or whole blocks."""
     b = Builder()
-    r = b.node("Reshape", [stem(b), b.ints("shape", [1, 2, 64])], name="r")
+    r = b.node("Reshape", [stem(b, 6), b.ints("shape", [1, 4, 24])], name="r")
     b.output(r)
     stops(b.solve(tmp_path), "Reshape at node `r` splits the channel axis")
 

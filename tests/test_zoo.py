@@ -67,8 +67,8 @@ def cases(test: str) -> list[object]:
 MIN_PRUNABLE: dict[str, int] = {
     # the stem (-> max pool -> the first unit's two branches), each unit's branch2 middle
     # (1x1 -> depthwise -> 1x1, 4 units) and conv5 (-> pool -> fc); the concatenated unit
-    # outputs meet the channel shuffle
-    "shufflenet_v2": 6,
+    # outputs tie position by position across the channel shuffle (4 more groups)
+    "shufflenet_v2": 10,
     # the stem (the first MBConv does not expand: its depthwise and SE scale are the stem's),
     # per MBConv the expanded width (5) and the SE squeeze (6), the residual width of each of
     # the 4 stages and the head conv
@@ -79,9 +79,9 @@ MIN_PRUNABLE: dict[str, int] = {
     # per bottleneck the reduce width and the grouped conv's output (position p of every group
     # tied, 3 blocks x 2), the stem and the two residual widths
     "resnext": 9,
-    # the MLP hidden width of each of the 2 blocks; the embedding width meets LayerNorm, q/k/v
-    # are split into heads by a Reshape
-    "vit": 2,
+    # the MLP hidden width and the head dim (q, k, v tied by the one 5-D qkv reshape, uniform
+    # across heads) of each of the 2 blocks; the embedding width meets LayerNorm
+    "vit": 4,
     # every YConv whose output stays inside: backbone downsampling (5), both halves of every C2f
     # cv1 (8 x 2), bottleneck cv1 (9), neck bottleneck cv2 without shortcut (4; with one it is
     # the half it adds to), C2f cv2 (8), SPPF (2), neck downsampling (2), head hidden (12)
@@ -101,9 +101,9 @@ MIN_PRUNABLE: dict[str, int] = {
     # stem, the 2 stage widths, per block (4) the a-conv width, the grouped b-conv width (tied
     # with SE fc2) and the SE squeeze
     "regnet_y": 15,
-    # c1 (PReLU per channel), c2 (InstanceNorm affine), c4 (InstanceNorm, shared PReLU), c5
-    # (PReLU per channel); c3 feeds GroupNorm (channel axis reshaped into groups)
-    "norm_zoo": 4,
+    # c1 (PReLU per channel), c2 (InstanceNorm affine), c3 (whole GroupNorm groups), c4
+    # (InstanceNorm, shared PReLU), c5 (PReLU per channel)
+    "norm_zoo": 5,
     # stem (NCHW -> NHWC Linear consumer), NHWC MLP hidden, MLP output (back to NCHW, tied with
     # the SwiGLU residual), SwiGLU hidden (both `chunk` halves tied by the gate), ConvNeXt MLP
     # hidden; the ConvNeXt width meets LayerNorm

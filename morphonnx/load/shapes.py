@@ -68,7 +68,10 @@ def infer_tensor_shapes(
     g.value_info.extend(v for v in model.graph.value_info if v.name in custom_outputs)
     tensors = _infer(p, light)
     for _ in range(50):  # each round resolves one more level of shape arithmetic
-        if all(t.known for t in tensors.values()) or not _pin_shape_values(light, tensors):
+        if all(t.known for t in tensors.values()):
+            break
+        pinned = _pin_shape_values(light, tensors)
+        if not (_declare_same_shape(light, tensors) or pinned):
             break
         tensors = _infer(p, light)
     for vi in model.graph.output:
@@ -119,6 +122,30 @@ def _pin_shape_values(light: onnx.ModelProto, tensors: Mapping[str, TensorInfo])
                 pinned.add(name)
             proto.input[i] = name
     return bool(pinned)
+
+
+SAME_SHAPE_WITHOUT_INFERENCE = ("GroupNormalization",)
+"""Standard ops whose output has the input's shape but that ONNX shape inference leaves untyped
+(function ops without an inference function)."""
+
+
+def _declare_same_shape(light: onnx.ModelProto, tensors: Mapping[str, TensorInfo]) -> bool:
+    """Give the outputs of :data:`SAME_SHAPE_WITHOUT_INFERENCE` their input's type, so inference
+    goes on past them. Returns whether anything new was declared."""
+    g = light.graph
+    declared = {v.name for v in g.value_info}
+    added = False
+    for n in g.node:
+        if n.op_type not in SAME_SHAPE_WITHOUT_INFERENCE or n.domain not in ("", "ai.onnx"):
+            continue
+        x = tensors.get(n.input[0]) if n.input else None
+        y = n.output[0] if n.output else ""
+        if x is None or not x.known or x.dtype is None or not y or y in declared:
+            continue
+        elem = helper.np_dtype_to_tensor_dtype(x.dtype)
+        g.value_info.append(helper.make_tensor_value_info(y, elem, list(x.shape or ())))
+        added = True
+    return added
 
 
 def _shape(tensors: Mapping[str, TensorInfo], name: str) -> Shape | None:
