@@ -34,6 +34,8 @@ def stop_unverifiable(ch: Channels) -> None:
             continue
         if all(graph.is_const(o) for o in node.outputs if o):
             continue  # folded: its outputs are constants prune rewrites
+        if all(o in slots for o in node.outputs if o):
+            continue  # a weight computed filter by filter: sliced with its channels, compared
         for t in dict.fromkeys(reads):
             for slot in slots.get(t, []):
                 ch.stop(
