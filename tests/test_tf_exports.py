@@ -17,21 +17,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from cli_runner import run
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import Builder
 
-from morphonnx.cli import main
-
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def analyze_json(capsys: pytest.CaptureFixture[str], model: Path, tmp: Path) -> dict[str, Any]:
