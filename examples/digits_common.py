@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 1e-2  # gammas below this are dead (the Regularizer's threshold)
 LR, FT_LR = 0.05, 0.01  # training from scratch / fine-tuning the sliced model
+WEIGHT_DECAY = 5e-4  # added to the gradient before the momentum (torch's SGD)
 
 
 @dataclass

@@ -35,21 +35,13 @@ import tensorflow as tf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import digits_common as common  # noqa: E402  (beside this script)
 import keras  # noqa: E402
-from digits_common import (  # noqa: E402  (beside this script)
-    THRESHOLD,
-    Framework,
-    Split,
-    load_split,
-    parse_args,
-    sweep,
-)
 from keras import layers  # noqa: E402
 
 from morphonnx.adapters.tf import Regularizer, export_onnx, export_spec  # noqa: E402
 
 SIGNATURE = (tf.TensorSpec((None, 8, 8, 1), tf.float32, name="input"),)
-WEIGHT_DECAY = 5e-4
 
 
 def digits_net(seed: int) -> Any:
@@ -83,7 +75,7 @@ def predict(model: Any, x: np.ndarray) -> np.ndarray:
     return model(x, training=False).numpy()
 
 
-def trainer(data: Split) -> Any:
+def trainer(data: common.Split) -> Any:
     def train(
         model: Any, epochs: int, lr: float, seed: int, reg: Regularizer | None, strength: float
     ) -> None:
@@ -101,7 +93,7 @@ def trainer(data: Split) -> Any:
                 if reg is not None:
                     loss = loss + strength * reg.loss()
             grads = tape.gradient(loss, weights)
-            grads = [g + WEIGHT_DECAY * w for g, w in zip(grads, weights, strict=True)]
+            grads = [g + common.WEIGHT_DECAY * w for g, w in zip(grads, weights, strict=True)]
             opt.apply_gradients(zip(grads, weights, strict=True))
 
         rng = np.random.default_rng(seed)
@@ -115,27 +107,27 @@ def trainer(data: Split) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("MorphNet FLOP regularizer on sklearn digits, Keras", argv)
+    args = common.parse_args("MorphNet FLOP regularizer on sklearn digits, Keras", argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.quick:
         epochs, strengths = (12, 4), [2e-6]
     else:
         epochs, strengths = (40, 15), [5e-7, 1e-6, 2e-6]
-    data = load_split(args.seed, (-1, 8, 8, 1))
+    data = common.load_split(args.seed, (-1, 8, 8, 1))
     spec_path = args.out / "keras.spec.json"
     export_spec(digits_net(args.seed), SIGNATURE, spec_path)  # weights do not matter
-    fw = Framework(
+    fw = common.Framework(
         name="keras",
         new_model=digits_net,
         regularizer=lambda m: Regularizer(
-            m, spec_path, kind="gamma", cost="flops", threshold=THRESHOLD
+            m, spec_path, kind="gamma", cost="flops", threshold=common.THRESHOLD
         ),
         train=trainer(data),
         predict=predict,
         export=lambda m, path: export_onnx(m, SIGNATURE, path),
         stage2=lambda reg, keep: reg.slice_model(keep),
     )
-    sweep(fw, args, data, strengths, epochs)
+    common.sweep(fw, args, data, strengths, epochs)
     return 0
 
 

@@ -37,14 +37,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from digits_common import (  # noqa: E402  (beside this script)
-    THRESHOLD,
-    Framework,
-    Split,
-    load_split,
-    parse_args,
-    sweep,
-)
+import digits_common as common  # noqa: E402  (beside this script)
 
 from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec  # noqa: E402
 
@@ -115,7 +108,7 @@ def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def trainer(data: Split, traces: dict[float, list[float]]) -> Callable[..., None]:
+def trainer(data: common.Split, traces: dict[float, list[float]]) -> Callable[..., None]:
     """The training loop; with a regularizer, the cost of every step goes to ``traces``."""
     xtr, ytr = torch.from_numpy(data.xtr), torch.from_numpy(data.ytr)
 
@@ -129,7 +122,9 @@ def trainer(data: Split, traces: dict[float, list[float]]) -> Callable[..., None
     ) -> None:
         """SGD + momentum (not Adam: Adam normalises the L1 step, so no gamma reaches zero),
         weight decay 5e-4, cosine learning rate, batch 64."""
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=common.WEIGHT_DECAY
+        )
         steps = epochs * ((len(xtr) + 63) // 64)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         g = torch.Generator().manual_seed(seed)
@@ -153,24 +148,24 @@ def trainer(data: Split, traces: dict[float, list[float]]) -> Callable[..., None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("MorphNet FLOP regularizer on sklearn digits", argv)
+    args = common.parse_args("MorphNet FLOP regularizer on sklearn digits", argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         epochs, strengths = (12, 4), [2e-6]
     else:
         epochs, strengths = (40, 15), [5e-7, 1e-6, 2e-6]
-    data = load_split(args.seed, (-1, 1, 8, 8))
+    data = common.load_split(args.seed, (-1, 1, 8, 8))
     example = torch.from_numpy(data.xtr[:1])
 
     # spec: the structure of any export of DigitsNet (names = state_dict keys)
     spec_path = args.out / "torch.spec.json"
     export_spec(new_model(args.seed), example, spec_path, dynamic_batch=True)
     traces: dict[float, list[float]] = {}
-    fw = Framework(
+    fw = common.Framework(
         name="torch",
         new_model=new_model,
         regularizer=lambda m: Regularizer(
-            m, spec_path, kind="gamma", cost="flops", threshold=THRESHOLD
+            m, spec_path, kind="gamma", cost="flops", threshold=common.THRESHOLD
         ),
         train=trainer(data, traces),
         predict=predict,
@@ -178,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         # stage 2 starts from the trained function: dead channels' constants folded into biases
         stage2=lambda reg, keep: reg.slice_model(keep, fold_constants=True),
     )
-    summary = sweep(fw, args, data, strengths, epochs)
+    summary = common.sweep(fw, args, data, strengths, epochs)
     base = summary["baseline"]
     plot(args.out, base["flops"], base["accuracy"], summary["runs"], traces)
     print(f"wrote {args.out / 'results_torch.json'} and plots")
