@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,6 @@ from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec  # no
 from morphonnx.analysis import analyze  # noqa: E402
 from morphonnx.cli import main as cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 V100_PEAK, V100_BW = 125000e9, 900e9
 T = 1e-2  # threshold used throughout
 
@@ -726,37 +723,3 @@ def test_export_structure_does_not_depend_on_equal_values(tmp_path: Path) -> Non
             np.testing.assert_allclose(_ort(tmp_path / f"{fill}.onnx", x), model.eval()(x).numpy(),
                                        atol=1e-5)  # fmt: skip
     assert len(set(prints)) == 1
-
-
-# --------------------------------------------------------------------------- the example
-
-
-def test_digits_example_quick(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "digits_morphnet.py"),
-            "--quick",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((out / "results.json").read_text())
-    base = res["baseline"]["flops"]
-    (run,) = res["runs"]
-    assert run["flops"] < 0.8 * base
-    assert run["flops"] == run["predicted_flops"]
-    assert run["max_abs_diff_onnx_vs_zeroed"] <= 1e-4
-    assert run["max_abs_diff_sliced_vs_zeroed"] <= 1e-4
-    # pruned with the fold, the model keeps what it learned (without: the BN shifts are lost)
-    assert abs(run["acc_pruned_folded"] - run["acc_regularized"]) <= 1.0
-    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
-    assert (out / "flops_vs_step.png").stat().st_size > 0
