@@ -24,7 +24,7 @@ from torch_models import build_model, example_input
 from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec
 from morphonnx.analysis import analyze
 from morphonnx.calibrate import calibrate
-from morphonnx.devices import profile_toml, resolve_device
+from morphonnx.devices import OpShape, profile_toml, resolve_device
 from morphonnx.errors import MorphonnxError
 from morphonnx.regularize import NUMPY, cost_and_loss
 from morphonnx.sweep import ranks, spearman
@@ -81,10 +81,10 @@ def test_per_op_profile_reads_and_round_trips(box: Path, tmp_path: Path) -> None
     assert dev.peak("conv") == 40e9 and dev.peak("depthwise") == 4e9 and dev.peak("gemm") == 80e9
     assert dev.peak(None) == 50e9 and dev.overhead == pytest.approx(2.5e-6) and dev.threads == 1
     assert dev.latency(8e9, 0, "depthwise") == pytest.approx(2.5e-6 + 2.0)
-    assert dev.latency(8e9, 0, "depthwise", (32, 32)) == pytest.approx(2.5e-6 + 2.0)
-    assert dev.latency(8e9, 0, "depthwise", (24, 24)) == pytest.approx(2.5e-6 + 8.0)
-    assert dev.latency(8e9, 0, "conv", (16, 17)) == pytest.approx(2.5e-6 + 0.4)
-    assert dev.latency(8e9, 0, "gemm", (3, 5)) == pytest.approx(2.5e-6 + 0.1)
+    assert dev.latency(8e9, 0, "depthwise", OpShape((32, 32))) == pytest.approx(2.5e-6 + 2.0)
+    assert dev.latency(8e9, 0, "depthwise", OpShape((24, 24))) == pytest.approx(2.5e-6 + 8.0)
+    assert dev.latency(8e9, 0, "conv", OpShape((16, 17))) == pytest.approx(2.5e-6 + 0.4)
+    assert dev.latency(8e9, 0, "gemm", OpShape((3, 5))) == pytest.approx(2.5e-6 + 0.1)
     assert dev.latency(0, 1e9, "gemm") == pytest.approx(2.5e-6 + 0.1)
     assert dev.channel_multiple == 16
     again = tmp_path / "again.toml"
@@ -199,7 +199,7 @@ def test_calibrate_numbers_are_plausible() -> None:
     assert d.channel_multiple in (None, 4, 8, 16)
     if d.channel_multiple:  # unaligned widths were measured clearly slower for conv or depthwise
         odd = (d.channel_multiple + 1,)
-        slow = [d.peak(k, odd) / d.peak(k) for k in ("conv", "depthwise")]
+        slow = [d.peak(k, OpShape(odd)) / d.peak(k) for k in ("conv", "depthwise")]
         assert min(slow) < 0.8
     for m in c.measurements:
         assert m.seconds > 0 and math.isfinite(m.seconds)
