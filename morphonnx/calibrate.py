@@ -55,7 +55,7 @@ _ALIGNED = 0.8
 
 _FUSED_AT = 0.5
 """Ops after a conv count as fused when they add less than this fraction of their memory passes."""
-_FUSION_CHAINS = (("BatchNormalization", "Relu"), ("Clip",))
+FUSION_CHAINS = (("BatchNormalization", "Relu"), ("Clip",))
 _HALVES = (0.0, *np.geomspace(1.0, 1e4, 41).tolist())
 """Candidate halves of a fitted efficiency curve (0: no such factor)."""
 
@@ -232,7 +232,7 @@ def calibrate(
         ),
     ]
     plain = ConvProbe(16, 64, 56, kernel=1)
-    fusion = [plain, *(ConvProbe(16, 64, 56, kernel=1, after=chain) for chain in _FUSION_CHAINS)]
+    fusion = [plain, *(ConvProbe(16, 64, 56, kernel=1, after=chain) for chain in FUSION_CHAINS)]
     convs = [*dense, *depthwise, *off, *fusion]
     probes: list[Probe] = [
         ("call overhead", chain_model(1), 0.0, 0.0),
