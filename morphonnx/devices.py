@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,6 +303,15 @@ def _rate(where: str, data: dict[str, Any], base: str, giga: str) -> float:
     return rate
 
 
+def _refuse_unknown(where: str, keys: Iterable[str], allowed: Sequence[str], what: str) -> None:
+    unknown = sorted(set(keys) - set(allowed))
+    if unknown:
+        raise MorphonnxError(
+            f"{where}: unknown {what} {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+
+
 def _op_peaks(where: str, data: dict[str, Any]) -> tuple[tuple[str, float], ...]:
     if "peak_flops_by_op" in data and "peak_gflops_by_op" in data:
         raise MorphonnxError(
@@ -312,12 +321,7 @@ def _op_peaks(where: str, data: dict[str, Any]) -> tuple[tuple[str, float], ...]
     table = data.get(key, {})
     if not isinstance(table, dict):
         raise MorphonnxError(f"{where}: {key!r} must be a table of op kind = number")
-    unknown = sorted(set(table) - set(OP_KINDS))
-    if unknown:
-        raise MorphonnxError(
-            f"{where}: unknown op kind(s) in {key!r}: {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(OP_KINDS)}"
-        )
+    _refuse_unknown(where, table, OP_KINDS, f"op kind(s) in {key!r}:")
     scale = _GIGA if key == "peak_gflops_by_op" else 1.0
     return tuple(
         (k, _positive_number(f"{where}: {key}", table, k) * scale) for k in OP_KINDS if k in table
@@ -331,21 +335,11 @@ def _curves(where: str, data: dict[str, Any]) -> tuple[tuple[str, Curve], ...]:
     table = data.get("efficiency", {})
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise MorphonnxError(f"{where}: 'efficiency' must be a table of op kind tables")
-    unknown = sorted(set(table) - set(OP_KINDS))
-    if unknown:
-        raise MorphonnxError(
-            f"{where}: unknown op kind(s) in 'efficiency': {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(OP_KINDS)}"
-        )
+    _refuse_unknown(where, table, OP_KINDS, "op kind(s) in 'efficiency':")
     curves = []
     for kind in (k for k in OP_KINDS if k in table):
         entry, at = table[kind], f"{where}: efficiency.{kind}"
-        extra = sorted(set(entry) - set(_CURVE_KEYS))
-        if extra:
-            raise MorphonnxError(
-                f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: "
-                f"{', '.join(_CURVE_KEYS)}"
-            )
+        _refuse_unknown(at, entry, _CURVE_KEYS, "key(s)")
         halves = [_non_negative(at, entry, k) for k in _CURVE_KEYS]
         curves.append((kind, Curve(*halves)))
     return tuple(curves)
@@ -387,12 +381,7 @@ def _load_profile(path: Path) -> Device:
 
     if not isinstance(data, dict):
         raise MorphonnxError(f"{where}: device profile must be an object/table of keys")
-    unknown = sorted(set(data) - _KNOWN)
-    if unknown:
-        raise MorphonnxError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(_KNOWN))}"
-        )
+    _refuse_unknown(where, data, sorted(_KNOWN), "key(s)")
     if "name" not in data:
         raise MorphonnxError(f"{where}: missing key 'name'")
     name = data["name"]
