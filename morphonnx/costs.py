@@ -7,10 +7,11 @@
   parameters; shape vectors and indices are not parameters).
 - ``bytes``: what the op reads and writes: computed inputs + outputs + float constant inputs, each
   at its dtype size (or the device's ``bytes_per_element``), at the graph's batch.
-- latency on a device: ``Device.latency``: ``overhead + max(flops / peak(kind), bytes /
+- latency on a device: ``Device.latency``: ``overhead + max(flops / peak(kind, shape), bytes /
   mem_bandwidth)``, where ``kind`` is the op's kind (dense conv, depthwise conv, Gemm/MatMul) for
-  profiles that give a peak per kind; nodes that only compute constants cost nothing, and so do
-  ops the device folds into the Conv before them (``Device.fuses``: BatchNormalization, Relu...).
+  profiles that give a peak per kind, and ``shape`` what the peak reached depends on (channel
+  alignment, efficiency curve: :class:`OpShape`); nodes that only compute constants cost
+  nothing, and so do ops the device folds into the Conv before them (``Device.fuses``).
 
 Costs are a function of tensor shapes only, so the costs of a pruned model can be predicted by
 running the same functions on the shrunk shapes (``shape_of``). A cost that needs a shape nobody
