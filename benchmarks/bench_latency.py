@@ -4,7 +4,7 @@ calibrated profile? (``morphonnx calibrate`` + ``morphonnx sweep`` on two real-s
 
 Usage::
 
-    python benchmarks/bench_latency.py                 # 30 variants per model, ~5-10 minutes
+    python benchmarks/bench_latency.py                 # 30 variants per model, ~10-15 minutes
     python benchmarks/bench_latency.py --variants 10 --quick
     python benchmarks/bench_latency.py --plot-dir docs/img --json latency.json
 
@@ -15,14 +15,17 @@ MobileNetV2 (224x224) and ResNet-50 (224x224), both written in plain torch and e
 pruned with the real rewriter and timed in onnxruntime (warm-up, median of repeats, each run
 alternating with one of the original model). Reported: Spearman rank correlation of each
 predictor with the measured latency relative to the original. Goal: the calibrated profile ranks
-latency better (higher Spearman) than FLOPs on both models. Other processes sharing the CPU make
-single timings noisy: medians, ratios to the original and a rank statistic absorb much of it,
-not all.
+latency better (higher Spearman) than FLOPs on both models. Also reported, on the same
+measurements: the calibrated profile without its efficiency curves and fused ops (one peak per op
+kind, as ``calibrate`` wrote before them), so what those terms add is seen without new noise.
+Other processes sharing the CPU make single timings noisy: medians, ratios to the original and a
+rank statistic absorb much of it, not all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,7 +45,13 @@ MODELS = {"mobilenet_v2": mobilenet_v2_path, "resnet50": resnet50_path}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=15,
+        help="timed runs per variant (median; fewer leave the ranking to the noise of a shared "
+        "machine)",
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -76,8 +85,10 @@ def main() -> int:
     print(
         f"calibrated: dense conv {d.peak('conv') / 1e9:.1f} GFLOP/s, depthwise "
         f"{d.peak('depthwise') / 1e9:.1f} GFLOP/s, gemm {d.peak('gemm') / 1e9:.1f} GFLOP/s, "
-        f"bandwidth {d.mem_bandwidth / 1e9:.1f} GB/s, per-op overhead {d.overhead * 1e6:.2f} us"
+        f"bandwidth {d.mem_bandwidth / 1e9:.1f} GB/s, per-op overhead {d.overhead * 1e6:.2f} us, "
+        f"curves {dict(d.curves)}, fused {list(d.fused_ops)}"
     )
+    flat = dataclasses.replace(d, name="one-peak", curves=(), fused_ops=())
     config = RunConfig(threads=args.threads, warmup=1, repeats=args.repeats)
     results: dict[str, dict[str, float | None]] = {}
     for name in args.models:
@@ -85,7 +96,8 @@ def main() -> int:
         for round_to in [None, *args.round_to]:
             run = name + (f" (widths x{round_to})" if round_to else " (random widths)")
             tag = name + (f"_x{round_to}" if round_to else "")
-            setup = SweepSetup(str(path), 0, (BUILTIN["CPU"], d), config, round_to=round_to)
+            devices = (BUILTIN["CPU"], d, flat)
+            setup = SweepSetup(str(path), 0, devices, config, round_to=round_to)
             csv_path = cache / f"sweep_{tag}.csv"
             if not args.resume:
                 csv_path.unlink(missing_ok=True)
@@ -105,7 +117,13 @@ def main() -> int:
                 out = str(args.plot_dir / f"sweep_{tag}.png")
                 plot_sweep(xs, column(rows, "relative"), rho, title, out)
 
-    predictors = ["flops", "params", "latency_CPU_s", "latency_this-machine_s"]
+    predictors = [
+        "flops",
+        "params",
+        "latency_CPU_s",
+        "latency_one-peak_s",
+        "latency_this-machine_s",
+    ]
     print(f"\nSpearman rank correlation with measured latency ({args.variants} variants)")
     print("| sweep | " + " | ".join(predictors) + " | goal: calibrated > FLOPs |")
     print("|---" * (len(predictors) + 2) + "|")

@@ -7,9 +7,11 @@
   parameters; shape vectors and indices are not parameters).
 - ``bytes``: what the op reads and writes: computed inputs + outputs + float constant inputs, each
   at its dtype size (or the device's ``bytes_per_element``), at the graph's batch.
-- latency on a device: ``Device.latency``: ``overhead + max(flops / peak(kind), bytes /
+- latency on a device: ``Device.latency``: ``overhead + max(flops / peak(kind, shape), bytes /
   mem_bandwidth)``, where ``kind`` is the op's kind (dense conv, depthwise conv, Gemm/MatMul) for
-  profiles that give a peak per kind; nodes that only compute constants cost nothing.
+  profiles that give a peak per kind, and ``shape`` what the peak reached depends on (channel
+  alignment, efficiency curve: :class:`OpShape`); nodes that only compute constants cost
+  nothing, and so do ops the device folds into the Conv before them (``Device.fuses``).
 
 Costs are a function of tensor shapes only, so the costs of a pruned model can be predicted by
 running the same functions on the shrunk shapes (``shape_of``). A cost that needs a shape nobody
@@ -22,7 +24,7 @@ import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from morphonnx.devices import Device, roofline_kind
+from morphonnx.devices import FUSES_INTO, Device, OpShape, roofline_kind
 from morphonnx.graph import Graph
 from morphonnx.ir import Node, Shape
 from morphonnx.ops import ShapeOf, op_kind
@@ -39,7 +41,8 @@ class OpCost:
     bytes: int | None
     elements: int | None  # activations read + written + weights, for a fixed element size
     kind: str | None = None  # op kind for per-kind peaks (morphonnx.devices.OP_KINDS)
-    channels: tuple[int, ...] = ()  # a conv's (input, output) channels, for aligned-width peaks
+    shape: OpShape = OpShape()  # channels, reduction, positions: for per-shape peaks (layer_shape)
+    chain: tuple[str, ...] = ()  # op types from a Conv it may be fused into (fusion_chain)
 
     @property
     def known(self) -> bool:
@@ -58,19 +61,22 @@ class OpCost:
     def latency(self, device: Device) -> float | None:
         """Roofline seconds on ``device`` (:meth:`Device.latency`); 0 for constant-only nodes,
         None when a shape it needs is unknown."""
-        if self.macs == 0 and self.elements == 0:
+        if (self.macs == 0 and self.elements == 0) or device.fuses(self.chain):
             return 0.0
         flops, nbytes = self.flops, self.nbytes(device)
         if flops is None or nbytes is None:
             return None
-        return device.latency(flops, nbytes, self.kind, self.channels)
+        return device.latency(flops, nbytes, self.kind, self.shape)
 
     def bound(self, device: Device) -> str | None:
-        """``"compute"`` or ``"memory"``: which side of the roofline sets the latency."""
+        """``"compute"`` or ``"memory"``: which side of the roofline sets the latency;
+        ``"fused"`` for an op the device folds into the Conv before it."""
+        if device.fuses(self.chain):
+            return "fused"
         flops, nbytes = self.flops, self.nbytes(device)
         if flops is None or nbytes is None:
             return None
-        return device.bound(flops, nbytes, self.kind, self.channels)
+        return device.bound(flops, nbytes, self.kind, self.shape)
 
 
 @dataclass
@@ -124,12 +130,39 @@ def node_roofline_kind(node: Node, shape_of: ShapeOf) -> str | None:
     return roofline_kind(node.op_type, w is not None and layer.depthwise(node, w))
 
 
-def conv_channels(node: Node, shape_of: ShapeOf) -> tuple[int, ...]:
-    """(input, output) channel counts of a Conv/ConvTranspose (axis 1), () if unknown."""
+def layer_shape(node: Node, shape_of: ShapeOf, kind: str | None, macs: int | None) -> OpShape:
+    """What a weighted layer's speed depends on (:class:`OpShape`): a conv's (input, output)
+    channels (axis 1), the reduction length (MACs per output value) and the output positions per
+    output channel (axis 1 of a conv, the last axis of a Gemm/MatMul); empty if unknown."""
     x, y = shape_of(node.inputs[0]), shape_of(node.outputs[0])
-    if x is None or y is None or len(x) < 2 or len(y) < 2:
-        return ()
-    return (x[1], y[1])
+    if kind is None or not macs or x is None or y is None or len(x) < 2 or len(y) < 2:
+        return OpShape()
+    conv = kind in ("conv", "depthwise")
+    out, per = math.prod(y), y[1] if conv else y[-1]
+    channels = (x[1], y[1]) if conv else ()
+    return OpShape(channels, macs / out if out else 0.0, out / per if per else 0.0)
+
+
+_MAX_CHAIN = 4
+"""Longest run of ops after a Conv looked at for fusion (Conv, BatchNormalization, Relu: 2)."""
+
+
+def fusion_chain(graph: Graph, node: Node) -> tuple[str, ...]:
+    """Op types from the Conv (:data:`FUSES_INTO`) whose output ``node`` reads through its first
+    input, via ops that each alone read the one before (a runtime can only fold an op into a
+    kernel whose output nothing else reads), to ``node`` itself; () when there is no such Conv."""
+    chain = [node.op_type]
+    current = node
+    for _ in range(_MAX_CHAIN):
+        t = current.inputs[0] if current.inputs else ""
+        before = graph.producer.get(t)
+        if before is None or len(graph.consumers.get(t, [])) != 1 or t in graph.outputs:
+            return ()
+        chain.insert(0, before.op_type)
+        if before.op_type in FUSES_INTO:
+            return tuple(chain)
+        current = before
+    return ()
 
 
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
@@ -158,9 +191,10 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
             elements, nbytes = _add(elements, n), _add(nbytes, n, graph.info(t).itemsize)
         macs = node_macs(node, shape)
         kind = node_roofline_kind(node, shape)
-        channels = conv_channels(node, shape) if kind in ("conv", "depthwise") else ()
+        op = layer_shape(node, shape, kind, macs)
+        chain = () if kind else fusion_chain(graph, node)
         result.append(
-            OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind, channels)
+            OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind, op, chain)
         )
     return result
 

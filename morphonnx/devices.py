@@ -12,6 +12,11 @@ One peak is a poor fit for real kernels: a depthwise conv reaches a small fracti
 conv does, and every op pays a fixed launch/dispatch cost however small it is. A profile may
 therefore give a peak per op kind (:data:`OP_KINDS`) and a per-op overhead; :meth:`Device.latency`
 is the one roofline formula every cost (analyze, spec, the adapters' latency loss) goes through.
+A runtime also folds some ops into the Conv before them (onnxruntime: BatchNormalization into the
+weights, Relu/Clip into the kernel's epilogue): a profile lists them (``fused_ops``) and such an op
+then costs nothing (:meth:`Device.fuses`), not a memory pass of its own. And a kernel reaches its
+peak only on enough work: a pointwise conv over few input channels, or a depthwise conv over a small
+feature map, runs well below it. A profile may give an op kind an efficiency curve (:class:`Curve`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,11 @@ else:  # pragma: no cover - exercised only on Python 3.10
 __all__ = [
     "BUILTIN",
     "DEFAULT_DEVICES",
+    "FUSES_INTO",
     "OP_KINDS",
+    "Curve",
     "Device",
+    "OpShape",
     "list_devices",
     "profile_toml",
     "resolve_device",
@@ -57,6 +65,10 @@ convolutions whose input or output channel count is not a multiple of the profil
 rest (``calibrate`` measures both)."""
 
 
+FUSES_INTO = ("Conv",)
+"""Op types whose output ops of ``Device.fused_ops`` can be folded into."""
+
+
 def roofline_kind(op_type: str, depthwise: bool = False) -> str | None:
     """The :data:`OP_KINDS` entry of an op (None for ops without one of their own)."""
     if op_type in ("Conv", "ConvTranspose"):
@@ -64,6 +76,38 @@ def roofline_kind(op_type: str, depthwise: bool = False) -> str | None:
     if op_type in ("Gemm", "MatMul"):
         return "gemm"
     return None
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """What a kernel's speed depends on beyond its kind: a conv's (input, output) channel counts
+    (aligned or not) and the reduction length and output positions of :class:`Curve`; 0 (or no
+    channels) where unknown, which leaves the peak as it is."""
+
+    channels: tuple[float, ...] = ()
+    reduction: float = 0.0
+    positions: float = 0.0
+
+
+@dataclass(frozen=True)
+class Curve:
+    """How much of its peak an op kind reaches: ``r / (r + reduction_half)`` times ``p / (p +
+    positions_half)``, where ``r`` is the reduction length (inputs per output value: a conv's
+    input channels per group x kernel area, a MatMul's inner dimension) and ``p`` the output
+    positions per output channel (batch x H x W; a MatMul's rows). Rising in both, at most 1; a
+    half of 0 leaves that factor at 1."""
+
+    reduction_half: float = 0.0
+    positions_half: float = 0.0
+
+    def __call__(self, reduction: float, positions: float) -> float:
+        return _saturating(reduction, self.reduction_half) * _saturating(
+            positions, self.positions_half
+        )
+
+
+def _saturating(x: float, half: float) -> float:
+    return x / (x + half) if half > 0 and x > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +123,8 @@ class Device:
     overhead: float = 0.0  # seconds every op pays on top of its roofline time
     threads: int | None = None  # intra-op threads the profile was measured with (calibrate)
     channel_multiple: int | None = None  # conv channel counts off this multiple are "unaligned"
+    fused_ops: tuple[str, ...] = ()  # op types the runtime folds into the Conv they follow
+    curves: tuple[tuple[str, Curve], ...] = ()  # (op kind, efficiency curve) pairs
 
     def __post_init__(self) -> None:
         rates = [("peak_flops", self.peak_flops), ("mem_bandwidth", self.mem_bandwidth)]
@@ -94,30 +140,53 @@ class Device:
             raise ValueError(f"device {self.name!r}: bytes_per_element must be positive")
         if self.channel_multiple is not None and self.channel_multiple < 1:
             raise ValueError(f"device {self.name!r}: channel_multiple must be positive")
+        if not all(isinstance(op, str) and op for op in self.fused_ops):
+            raise ValueError(f"device {self.name!r}: fused_ops must be op type names")
+        for kind, c in self.curves:
+            if kind not in OP_KINDS:
+                raise ValueError(f"device {self.name!r}: unknown op kind {kind!r}")
+            for half in (c.reduction_half, c.positions_half):
+                if not (math.isfinite(half) and half >= 0):
+                    raise ValueError(f"device {self.name!r}: curve halves must be 0 or more")
 
-    def peak(self, kind: str | None = None, channels: Sequence[float] = ()) -> float:
+    def fuses(self, chain: Sequence[str]) -> bool:
+        """Whether an op costs nothing: ``chain`` is the op types from the Conv whose output it
+        alone reads, through ops that alone read each other's output, to the op itself (``("Conv",
+        "BatchNormalization", "Relu")``); fused when every op after the Conv is in ``fused_ops``."""
+        return (
+            len(chain) > 1
+            and chain[0] in FUSES_INTO
+            and all(op in self.fused_ops for op in chain[1:])
+        )
+
+    def peak(self, kind: str | None = None, op: OpShape | None = None) -> float:
         """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else ``peak_flops``;
-        the kind's ``_unaligned`` peak when one of the op's (input, output) ``channels`` is off
-        the profile's ``channel_multiple``."""
+        the kind's ``_unaligned`` peak when one of the op's (input, output) channels is off the
+        profile's ``channel_multiple``; times the kind's efficiency curve at the op's shape (an
+        ``_unaligned`` kind without a curve of its own uses its kind's)."""
+        op = op or OpShape()
         peaks = dict(self.op_peaks)
         m = self.channel_multiple
-        if kind and m and any(round(c) % m for c in channels):
+        if kind and m and any(round(c) % m for c in op.channels):
             kind = f"{kind}_unaligned" if f"{kind}_unaligned" in peaks else kind
-        return peaks.get(kind or "", self.peak_flops)
+        curves = dict(self.curves)
+        curve = curves.get(kind or "") or curves.get((kind or "").removesuffix("_unaligned"))
+        scale = curve(op.reduction, op.positions) if curve else 1.0
+        return peaks.get(kind or "", self.peak_flops) * scale
 
     def latency(
-        self, flops: float, nbytes: float, kind: str | None = None, channels: Sequence[float] = ()
+        self, flops: float, nbytes: float, kind: str | None = None, op: OpShape | None = None
     ) -> float:
-        """Roofline seconds of one op: ``overhead + max(flops / peak(kind, channels), nbytes /
+        """Roofline seconds of one op: ``overhead + max(flops / peak(kind, op), nbytes /
         mem_bandwidth)``; built-in profiles have no overhead and one peak (MorphNet's model)."""
-        peak = self.peak(kind, channels)
+        peak = self.peak(kind, op)
         return self.overhead + max(flops / peak, nbytes / self.mem_bandwidth)
 
     def bound(
-        self, flops: float, nbytes: float, kind: str | None = None, channels: Sequence[float] = ()
+        self, flops: float, nbytes: float, kind: str | None = None, op: OpShape | None = None
     ) -> str:
         """``"compute"`` if compute time >= memory time, else ``"memory"``."""
-        if flops / self.peak(kind, channels) >= nbytes / self.mem_bandwidth:
+        if flops / self.peak(kind, op) >= nbytes / self.mem_bandwidth:
             return "compute"
         return "memory"
 
@@ -197,6 +266,8 @@ _KNOWN = {
     "overhead_us",
     "threads",
     "channel_multiple",
+    "fused_ops",
+    "efficiency",
 }
 
 
@@ -232,6 +303,15 @@ def _rate(where: str, data: dict[str, Any], base: str, giga: str) -> float:
     return rate
 
 
+def _refuse_unknown(where: str, keys: Iterable[str], allowed: Sequence[str], what: str) -> None:
+    unknown = sorted(set(keys) - set(allowed))
+    if unknown:
+        raise MorphonnxError(
+            f"{where}: unknown {what} {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+
+
 def _op_peaks(where: str, data: dict[str, Any]) -> tuple[tuple[str, float], ...]:
     if "peak_flops_by_op" in data and "peak_gflops_by_op" in data:
         raise MorphonnxError(
@@ -241,30 +321,44 @@ def _op_peaks(where: str, data: dict[str, Any]) -> tuple[tuple[str, float], ...]
     table = data.get(key, {})
     if not isinstance(table, dict):
         raise MorphonnxError(f"{where}: {key!r} must be a table of op kind = number")
-    unknown = sorted(set(table) - set(OP_KINDS))
-    if unknown:
-        raise MorphonnxError(
-            f"{where}: unknown op kind(s) in {key!r}: {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(OP_KINDS)}"
-        )
+    _refuse_unknown(where, table, OP_KINDS, f"op kind(s) in {key!r}:")
     scale = _GIGA if key == "peak_gflops_by_op" else 1.0
     return tuple(
         (k, _positive_number(f"{where}: {key}", table, k) * scale) for k in OP_KINDS if k in table
     )
 
 
-def _overhead(where: str, data: dict[str, Any]) -> float:
-    if "overhead_s" in data and "overhead_us" in data:
-        raise MorphonnxError(f"{where}: give only one of 'overhead_s' and 'overhead_us'")
-    key = "overhead_us" if "overhead_us" in data else "overhead_s"
-    if key not in data:
-        return 0.0
-    value = data[key]
+_CURVE_KEYS = ("reduction_half", "positions_half")
+
+
+def _curves(where: str, data: dict[str, Any]) -> tuple[tuple[str, Curve], ...]:
+    table = data.get("efficiency", {})
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise MorphonnxError(f"{where}: 'efficiency' must be a table of op kind tables")
+    _refuse_unknown(where, table, OP_KINDS, "op kind(s) in 'efficiency':")
+    curves = []
+    for kind in (k for k in OP_KINDS if k in table):
+        entry, at = table[kind], f"{where}: efficiency.{kind}"
+        _refuse_unknown(at, entry, _CURVE_KEYS, "key(s)")
+        halves = [_non_negative(at, entry, k) for k in _CURVE_KEYS]
+        curves.append((kind, Curve(*halves)))
+    return tuple(curves)
+
+
+def _non_negative(where: str, data: dict[str, Any], key: str) -> float:
+    value = data.get(key, 0.0)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise MorphonnxError(f"{where}: {key!r} must be a number, got {value!r}")
     if value < 0:
         raise MorphonnxError(f"{where}: {key!r} must be 0 or more, got {value!r}")
-    return float(value) * (_MICRO if key == "overhead_us" else 1.0)
+    return float(value)
+
+
+def _overhead(where: str, data: dict[str, Any]) -> float:
+    if "overhead_s" in data and "overhead_us" in data:
+        raise MorphonnxError(f"{where}: give only one of 'overhead_s' and 'overhead_us'")
+    key = "overhead_us" if "overhead_us" in data else "overhead_s"
+    return _non_negative(where, data, key) * (_MICRO if key == "overhead_us" else 1.0)
 
 
 def _load_profile(path: Path) -> Device:
@@ -287,12 +381,7 @@ def _load_profile(path: Path) -> Device:
 
     if not isinstance(data, dict):
         raise MorphonnxError(f"{where}: device profile must be an object/table of keys")
-    unknown = sorted(set(data) - _KNOWN)
-    if unknown:
-        raise MorphonnxError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(_KNOWN))}"
-        )
+    _refuse_unknown(where, data, sorted(_KNOWN), "key(s)")
     if "name" not in data:
         raise MorphonnxError(f"{where}: missing key 'name'")
     name = data["name"]
@@ -325,6 +414,9 @@ def _load_profile(path: Path) -> Device:
         raise MorphonnxError(
             f"{where}: 'channel_multiple' must be a positive integer, got {multiple!r}"
         )
+    fused = data.get("fused_ops", [])
+    if not isinstance(fused, list) or not all(isinstance(op, str) and op for op in fused):
+        raise MorphonnxError(f"{where}: 'fused_ops' must be a list of op type names, got {fused!r}")
     return Device(
         name=name,
         peak_flops=peak,
@@ -335,6 +427,8 @@ def _load_profile(path: Path) -> Device:
         overhead=_overhead(where, data),
         threads=threads,
         channel_multiple=multiple,
+        fused_ops=tuple(fused),
+        curves=_curves(where, data),
     )
 
 
@@ -357,9 +451,14 @@ def profile_toml(device: Device) -> str:
         lines.append(f"threads = {device.threads}")
     if device.channel_multiple is not None:
         lines.append(f"channel_multiple = {device.channel_multiple}")
+    if device.fused_ops:
+        lines.append(f"fused_ops = {json.dumps(list(device.fused_ops))}")
     if device.op_peaks:
         lines += ["", "[peak_gflops_by_op]"]
         lines += [f"{k} = {num(v / _GIGA)}" for k, v in device.op_peaks]
+    for kind, c in device.curves:
+        lines += ["", f"[efficiency.{kind}]"]
+        lines += [f"{k} = {num(getattr(c, k))}" for k in _CURVE_KEYS]
     return "\n".join(lines) + "\n"
 
 

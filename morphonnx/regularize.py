@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from morphonnx.devices import Device, roofline_kind
+from morphonnx.devices import Device, OpShape, roofline_kind
 
 KINDS = ("gamma", "group_lasso")
 COSTS = ("flops", "size", "latency")
@@ -187,10 +187,14 @@ def cost_and_coefficients(
                 + t["bias_elems"] * o.alive
             )
             kind = roofline_kind(t["op_type"], t["kind"] == "depthwise")
-            sides = (i.alive, o.alive) if kind in ("conv", "depthwise") else ()
-            total += device.latency(flops, nbytes, kind, sides)
-            if device.bound(flops, nbytes, kind, sides) == "compute":
-                _add(coeff, t["flop_coeff"] / device.peak(kind, sides), pair)
+            op = OpShape(
+                (i.alive, o.alive) if kind in ("conv", "depthwise") else (),
+                flops / (2 * t["out_elems"] * o.alive) if t["out_elems"] else 0.0,  # MACs/output
+                t["out_elems"],
+            )
+            total += device.latency(flops, nbytes, kind, op)
+            if device.bound(flops, nbytes, kind, op) == "compute":
+                _add(coeff, t["flop_coeff"] / device.peak(kind, op), pair)
             else:
                 scale = size / device.mem_bandwidth
                 _add(coeff, scale * t["in_elems"], i.reg)
