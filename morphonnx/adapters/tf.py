@@ -14,6 +14,7 @@ Everything framework-neutral is in :mod:`morphonnx.binding`. tensorflow is impor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from morphonnx.binding import Param, RegularizerBase
+from morphonnx.adapterbase import RegularizerBase
+from morphonnx.binding import Param
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import onnx
 
-__all__ = ["Regularizer", "export_onnx", "export_spec", "keras_layouts"]
+__all__ = ["Regularizer", "export_onnx", "export_spec", "keras_layouts", "tf_ops"]
 
 _EXPORT_LOCK = threading.Lock()
 
@@ -120,6 +122,7 @@ def export_onnx(
     import keras
     import tf2onnx
 
+    from morphonnx.export_fix import bind_values
     from morphonnx.formats import atomic_write
 
     if isinstance(model, keras.Sequential):  # tf2onnx cannot name a Sequential's outputs
@@ -145,7 +148,7 @@ def export_onnx(
     finally:
         for p, (v, _) in floats.items():
             v.assign(saved[p])
-    proto = _bind_values(protos, tags, {p: perm for p, (_, perm) in floats.items()}, saved)
+    proto = bind_values(protos, tags, {p: perm for p, (_, perm) in floats.items()}, saved)
     atomic_write(path, lambda tmp: _save(proto, tmp))
 
 
@@ -155,64 +158,12 @@ def _save(proto: onnx.ModelProto, tmp: Path) -> None:
     onnx.save(proto, str(tmp))
 
 
-def _bind_values(
-    protos: list[onnx.ModelProto],
-    tags: list[dict[str, np.ndarray]],
-    perms: dict[str, tuple[int, ...]],
-    values: dict[str, np.ndarray],
-) -> onnx.ModelProto:
-    """The first export with stable names and the real weights: each constant that equals a
-    variable's tag (in ONNX layout) in both exports becomes that variable; one that differs
-    between the exports without being a variable is a mix of weights, refused."""
-    from onnx import numpy_helper
-
-    from morphonnx.export_fix import rename_tensors, strip_counters
-    from morphonnx.formats import fingerprint
-
-    a, b = (strip_counters(p) for p in protos)
-    if fingerprint(a) != fingerprint(b):
-        raise ValueError("tf2onnx wrote two different graphs for the same model; cannot map it")
-    by_size: dict[int, list[str]] = {}
-    for p, t in tags[0].items():
-        by_size.setdefault(t.size, []).append(p)
-    other = {t.name: t for t in b.graph.initializer}
-    renames: dict[str, str] = {}
-    mixed: list[str] = []
-    for init in a.graph.initializer:
-        x, y = numpy_helper.to_array(init), numpy_helper.to_array(other[init.name])
-        if x.dtype.kind != "f":
-            continue
-        hit = next(
-            (
-                p
-                for p in by_size.get(x.size, [])
-                if tags[0][p].ndim == x.ndim
-                and np.array_equal(tags[0][p].transpose(perms[p]), x)
-                and np.array_equal(tags[1][p].transpose(perms[p]), y)
-                and p not in renames.values()
-            ),
-            None,
-        )
-        if hit is not None:
-            renames[init.name] = hit
-            init.CopyFrom(numpy_helper.from_array(values[hit].transpose(perms[hit]), init.name))
-        elif not np.array_equal(x, y):
-            mixed.append(init.name)
-    if mixed:
-        raise ValueError(
-            "export_onnx: tf2onnx computed these constants from several weights, so they map to "
-            f"no single Keras variable: {', '.join(mixed)} (unsupported layer or layout)"
-        )
-    rename_tensors(a, renames)
-    return a
-
-
 def export_spec(
     model: Any, input_signature: Sequence[Any], spec_path: str | os.PathLike[str], **kwargs: Any
 ) -> dict[str, Any]:
     """:func:`export_onnx` + ``morphonnx spec`` in one call; returns the spec (weights do not
     matter: it fits every later export of the same architecture)."""
-    from morphonnx.binding import export_and_spec
+    from morphonnx.adapterbase import export_and_spec
 
     return export_and_spec(lambda p: export_onnx(model, input_signature, p, **kwargs), spec_path)
 
@@ -220,13 +171,27 @@ def export_spec(
 # --------------------------------------------------------------------------- MorphNet regularizer
 
 
-def _rows(x: Any, axis: int) -> Any:
+@functools.cache
+def tf_ops() -> Any:
+    """:class:`morphonnx.regularize.ArrayOps` for TensorFlow tensors."""
     import tensorflow as tf
 
-    if len(x.shape) == 1:
-        return x
-    order = [axis, *(a for a in range(len(x.shape)) if a != axis)]
-    return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
+    from morphonnx.regularize import ArrayOps
+
+    def rows(x: Any, axis: int) -> Any:
+        order = [axis, *(a for a in range(len(x.shape)) if a != axis)]
+        return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
+
+    return ArrayOps(
+        rows=rows,
+        take=tf.gather,
+        amax=lambda x, axis: tf.reduce_max(x, axis),
+        mean=lambda x, axis: tf.reduce_mean(x, axis),
+        maximum=tf.maximum,
+        count=lambda x: float(tf.reduce_sum(tf.cast(x, tf.float64))),
+        cat=lambda xs: tf.concat(xs, 0),
+        reshape=tf.reshape,
+    )
 
 
 class Regularizer(RegularizerBase):
@@ -239,8 +204,11 @@ class Regularizer(RegularizerBase):
         import tensorflow as tf
 
         super().__init__(model, spec, *args, **kwargs)
-        self._index = tf.constant(self.binding.index)
+        self._indices = [tf.constant(a) for a in self.binding.index_arrays()]
         self._segment = tf.constant(self.binding.segment)
+
+    def _array_ops(self) -> Any:
+        return tf_ops()
 
     def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
         layouts = keras_layouts(self.model)
@@ -252,24 +220,12 @@ class Regularizer(RegularizerBase):
         }
 
     def _flat(self, cast: Any = None) -> Any:
-        """Every regularized channel's value, flat: per-source statistics, one gather, one max."""
+        """Every regularized channel's value in the plan's order (the core's few array ops)."""
         import tensorflow as tf
 
-        stats = []
-        for s in self.binding.sources:
-            x = self._vars[s.tensor].value
-            rows = _rows(x if cast is None else tf.cast(x, cast), s.axis)
-            one = len(rows.shape) == 1
-            if s.stat == "abs":
-                stats.append(tf.abs(rows) if one else tf.reduce_max(tf.abs(rows), 1))
-                continue
-            norm = tf.sqrt(rows * rows if one else tf.reduce_mean(rows * rows, 1))
-            if self.l1_fraction:
-                l1 = tf.abs(rows) if one else tf.reduce_mean(tf.abs(rows), 1)
-                norm = (1 - self.l1_fraction) * norm + self.l1_fraction * l1
-            stats.append(norm)
-        picked = tf.gather(tf.concat(stats, 0), self._index)
-        return picked[:, 0] if picked.shape[1] == 1 else tf.reduce_max(picked, 1)
+        xs = [self._vars[s.tensor].value for s in self.binding.sources]
+        xs = xs if cast is None else [tf.cast(x, cast) for x in xs]
+        return self.binding.values(tf_ops(), xs, self._indices)
 
     def _coefficients(self, alive: Any) -> tuple[Any, Any]:
         """(cost, coefficients) for these alive counts, looked up in Python (also from inside a
@@ -306,7 +262,8 @@ class Regularizer(RegularizerBase):
         """Regularization vector (one value per channel, float64) of every regularized group."""
         import tensorflow as tf
 
-        return self.binding.split(self._flat(tf.float64).numpy())
+        flat = self._flat(tf.float64)
+        return {k: v.numpy() for k, v in self.binding.split(tf_ops(), flat, self._indices).items()}
 
     _values64 = vectors
 
@@ -354,12 +311,12 @@ class Regularizer(RegularizerBase):
         """A new functional (or Sequential) Keras model with the dead channels removed: layer
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
         computes. A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
-        _, cuts = self._cuts(keep, strict=True)
+        _, kept = self._kept(keep)
         values = {}
         for path, v in self._vars.items():
             value = v.numpy()
-            for axis, idx in cuts.get(path, {}).items():
-                value = np.delete(value, idx, axis)
+            for axis, idx in kept.get(path, {}).items():
+                value = np.take(value, idx, axis)
             values[path] = value
         config = self.model.get_config()
         if not isinstance(config, dict) or "layers" not in config:
