@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from morphonnx.binding import Binding, Param, check_options, load_spec
+from morphonnx.binding import Binding, Param, cached, check_options, load_spec
 from morphonnx.regularize import ArrayOps
 
 Slices = dict[str, dict[int, list[int]]]  # framework name -> framework axis -> indices
@@ -103,6 +103,11 @@ class RegularizerBase:
         self.device, self.l1_fraction = options.device, options.l1_fraction
         self.fingerprint, self.unmapped = self.binding.fingerprint, self.binding.unmapped
         self.last_cost: float | None = None
+        self._consts: dict[Any, Any] = {}
+
+    def _const(self, key: Any, make: Callable[[], Any]) -> Any:
+        """A framework constant (index arrays, coefficients on a device), made once."""
+        return cached(self._consts, key, make)
 
     def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
         raise NotImplementedError

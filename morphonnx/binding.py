@@ -12,9 +12,9 @@ slices of a mask in the framework's layout. The adapter keeps export, tensor ops
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -81,6 +81,24 @@ def load_spec(
             f"{loaded['model'].get('fingerprint')} != {fingerprint} of {what}"
         )
     return loaded, where
+
+
+def cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made on first use; the cache is emptied beyond 4096 entries (alive counts
+    change rarely, but a long run may see many sets)."""
+    if key not in cache:
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+class Indices(NamedTuple):
+    """The plan's index arrays in some framework's type (:meth:`Binding.indices`)."""
+
+    buckets: list[Any]  # per bucket, its (channels x width) entries, flattened
+    unsort: Any  # plan order -> group order
+    segment: Any  # each plan channel's group
 
 
 @dataclass(frozen=True)
@@ -225,16 +243,19 @@ class Binding:
 
     # ------------------------------------------------------------------ channel values
 
-    def index_arrays(self) -> list[np.ndarray]:
-        """The index arrays :meth:`values` and :meth:`split` take, for an adapter to turn into
-        framework constants once: each bucket's flattened indices, then ``unsort``."""
-        return [b.reshape(-1) for b in self.buckets] + [self.unsort]
+    def indices(self, constant: Callable[[np.ndarray], Any]) -> Indices:
+        """The plan's index arrays as framework constants (``constant`` converts one), for an
+        adapter to make once."""
+        return Indices(
+            [constant(b.reshape(-1)) for b in self.buckets],
+            constant(self.unsort),
+            constant(self.segment),
+        )
 
-    def values(self, ops: ArrayOps, tensors: Sequence[Any], indices: Sequence[Any]) -> Any:
+    def values(self, ops: ArrayOps, tensors: Sequence[Any], indices: Indices) -> Any:
         """Every regularized channel's value, flat, in plan order (see :class:`Binding`).
 
-        ``tensors``: the framework tensor of each of :attr:`sources`, in order; ``indices``:
-        :meth:`index_arrays` as the framework's constants."""
+        ``tensors``: the framework tensor of each of :attr:`sources`, in order."""
         stats = [abs(ops.cat(tensors[: self.raw]))] if self.raw else []
         for s, x in zip(self.sources[self.raw :], tensors[self.raw :], strict=True):
             rows = ops.rows(x, s.axis)
@@ -244,7 +265,7 @@ class Binding:
                 stats.append(filter_norm(ops, rows, 1, self.options.l1_fraction))
         flat = stats[0] if len(stats) == 1 else ops.cat(stats)
         parts = []
-        for bucket, idx in zip(self.buckets, indices, strict=False):
+        for bucket, idx in zip(self.buckets, indices.buckets, strict=True):
             picked = ops.take(flat, idx)
             width = bucket.shape[1]
             parts.append(picked if width == 1 else ops.amax(ops.reshape(picked, (-1, width)), 1))
@@ -262,8 +283,8 @@ class Binding:
 
         The loss is ``dot(coefficients, channel values)``. Counts change rarely during training,
         so results are cached (adapters may keep framework copies in :attr:`cache` too)."""
-        hit = self.cache.get(counts)
-        if hit is None:
+
+        def compute() -> tuple[float, np.ndarray]:
             value, coeff = cost_and_coefficients(
                 self.spec,
                 dict(zip(self.gids, counts, strict=True)),
@@ -271,14 +292,13 @@ class Binding:
                 device=self.options.device,
             )
             per_group = np.array([coeff.get(g, 0.0) for g in self.gids], dtype=np.float64)
-            if len(self.cache) > 4096:
-                self.cache.clear()
-            hit = self.cache[counts] = (value, per_group[self.segment])
-        return hit  # type: ignore[no-any-return]
+            return value, per_group[self.segment]
 
-    def split(self, ops: ArrayOps, flat: Any, indices: Sequence[Any]) -> dict[str, Any]:
+        return cached(self.cache, counts, compute)  # type: ignore[no-any-return]
+
+    def split(self, ops: ArrayOps, flat: Any, indices: Indices) -> dict[str, Any]:
         """Plan-order channel values (:meth:`values`) as ``{group id: vector}``."""
-        flat = ops.take(flat, indices[-1])
+        flat = ops.take(flat, indices.unsort)
         out, start = {}, 0
         for gid, n in zip(self.gids, self.sizes, strict=True):
             out[gid] = flat[start : start + n]

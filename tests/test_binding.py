@@ -120,7 +120,7 @@ def test_plan_gathers_every_channel_from_all_its_sources() -> None:
     stats[g2 : g2 + 3] = np.abs(tensors["bn2.g"])
     stats[f : f + 4] = np.sqrt((tensors["fc.w"] ** 2).mean(0))
     by_hand = np.concatenate([stats[x].max(1) for x in b.buckets])
-    indices = b.index_arrays()
+    indices = b.indices(lambda a: a)
     flat = b.values(NUMPY, [tensors[s.tensor] for s in b.sources], indices)
     np.testing.assert_allclose(flat, by_hand)
     onnx_layout = {"bn.g": tensors["bn.g"], "bn2.g": tensors["bn2.g"], "fc.w": tensors["fc.w"].T}

@@ -1,171 +1,25 @@
-"""PyTorch side of MorphNet: ONNX export that keeps what the analysis needs, the regularizer's
-tensor ops, and stage 2 (zeroing, freezing, slicing modules).
-
-``export_onnx`` keeps BatchNormalization nodes unfolded (their gammas carry the MorphNet signal)
-and names initializers after ``state_dict()`` keys, so a spec maps back onto the model (torch's
-layouts equal ONNX's: the axis map is the identity). Everything framework-neutral (options,
-binding and shape checks, the regularization plan, loss coefficients, dead slices) is in
-:mod:`morphonnx.binding`. torch is imported only inside functions.
+"""PyTorch side of MorphNet's training: the regularizer's tensor ops and stage 2 (zeroing,
+freezing, slicing modules), on the framework-neutral core (:mod:`morphonnx.binding`,
+:mod:`morphonnx.adapterbase`). The export is :mod:`morphonnx.adapters.torch_export` (re-exported
+here). torch is imported only inside functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from morphonnx.adapterbase import RegularizerBase, map_names, strip_segments
-from morphonnx.binding import Param
+from morphonnx.adapters.torch_export import export_onnx, export_spec, unwrap_model
+from morphonnx.binding import Indices, Param
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 __all__ = ["Regularizer", "export_onnx", "export_spec", "torch_ops", "unwrap_model"]
 
-
 _WRAPPERS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
 
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, so
-    names match the user's own ``state_dict()``."""
-    import torch
-
-    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    seen: set[int] = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, parallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every submodule's own training flag is restored after (parts
-    deliberately kept in eval stay so)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _names(prefix: str, count: int | None) -> list[str] | None:
-    if count is None:
-        return None
-    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
-
-
-def _count_outputs(out: Any) -> int | None:
-    """Number of flat tensor outputs, or None when the output structure is not a flat tuple."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return 1
-    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
-        return len(out)
-    return None
-
-
-def export_onnx(
-    model: torch.nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
-    path: str | os.PathLike[str],
-    *,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    dynamic_batch: bool = False,
-    opset: int = 17,
-) -> None:
-    """Export ``model`` to ONNX at ``path``, keeping BN nodes and state_dict names.
-
-    TorchScript exporter (``dynamo=False``) without constant folding: BatchNormalization stays
-    unfused and initializers are named after ``state_dict()`` keys. Eval mode for the export,
-    wrappers removed first. Unnamed inputs/outputs become ``input``/``output`` (``input_0``...
-    when there are several); ``dynamic_batch`` marks axis 0 of each as ``batch``. Written
-    atomically. The exporter's de-duplication of equal tensors is undone
-    (:func:`morphonnx.export_fix.reduplicate`), so the structure never depends on weight values.
-    """
-    import torch
-
-    from morphonnx.export_fix import reduplicate
-    from morphonnx.formats import atomic_write
-
-    model = unwrap_model(model)
-    if isinstance(example_inputs, torch.Tensor):
-        args: tuple[Any, ...] = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs)
-    else:
-        kind = type(example_inputs).__name__
-        raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {kind}")
-
-    with _eval_mode(model):
-        in_names = list(input_names) if input_names is not None else _names("input", len(args))
-        out_names: list[str] | None = None
-        if output_names is not None:
-            out_names = list(output_names)
-        else:
-            with torch.no_grad():
-                out_names = _names("output", _count_outputs(model(*args)))
-        dynamic_axes = None
-        if dynamic_batch:
-            dynamic_axes = {n: {0: "batch"} for n in [*(in_names or []), *(out_names or [])]}
-        keys = [k for k, _ in model.named_parameters(remove_duplicate=False)]
-        keys += [k for k, _ in model.named_buffers(remove_duplicate=False)]
-
-        def write(tmp: Path) -> None:
-            with warnings.catch_warnings():
-                # dynamo=False is deliberate (see docstring); silence its deprecation notice.
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                torch.onnx.export(
-                    model,
-                    args,
-                    str(tmp),
-                    dynamo=False,
-                    do_constant_folding=False,
-                    opset_version=opset,
-                    input_names=in_names,
-                    output_names=out_names,
-                    dynamic_axes=dynamic_axes,
-                )
-            reduplicate(str(tmp), keys)
-
-        atomic_write(path, write)
-
-
-def export_spec(
-    model: torch.nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
-    spec_path: str | os.PathLike[str],
-    **export_kwargs: Any,
-) -> dict[str, Any]:
-    """Export ``model`` with :func:`export_onnx` and write its group spec; returns the spec.
-
-    Weight values do not matter (an untrained model is fine): the spec fits every later export
-    of the same architecture. Cost coefficients use ``example_inputs``' batch. ``export_kwargs``
-    go to :func:`export_onnx` (use the same ones for the trained export).
-    """
-    from morphonnx.adapterbase import export_and_spec
-
-    return export_and_spec(
-        lambda p: export_onnx(model, example_inputs, p, **export_kwargs), spec_path
-    )
-
-
-# --------------------------------------------------------------------------- MorphNet regularizer
 
 _COVERED = (
     "Conv1d/2d/3d (incl. grouped and depthwise), ConvTranspose1d/2d/3d (groups=1), Linear, "
@@ -211,7 +65,6 @@ class Regularizer(RegularizerBase):
             s.tensor: _get(self._bare, self._names[s.tensor]) for s in self.binding.sources
         }
         self._coefficients = self.binding.cache
-        self._on_device: dict[tuple[Any, ...], Any] = {}
         self._hooks: list[Any] = []
 
     def _array_ops(self) -> Any:
@@ -233,20 +86,12 @@ class Regularizer(RegularizerBase):
             bound[spec_name] = Param(name, tuple(t.shape), tuple(range(t.dim())), id(t) in params)
         return bound
 
-    def _const(self, key: tuple[Any, ...], make: Any) -> Any:
-        """A constant tensor on a device, made once (index arrays, coefficients)."""
-        if key not in self._on_device:
-            if len(self._on_device) > 4096:
-                self._on_device.clear()
-            self._on_device[key] = make()
-        return self._on_device[key]
-
-    def _indices(self, device: Any) -> list[torch.Tensor]:
+    def _indices(self, device: Any) -> Indices:
         import torch
 
-        arrays = self.binding.index_arrays()
         return self._const(  # type: ignore[no-any-return]
-            ("index", str(device)), lambda: [torch.from_numpy(a).to(device) for a in arrays]
+            ("index", str(device)),
+            lambda: self.binding.indices(lambda a: torch.from_numpy(a).to(device)),
         )
 
     def _flat(self, tensors: dict[str, Any]) -> Any:
@@ -268,11 +113,10 @@ class Regularizer(RegularizerBase):
         flat = self._flat(self._sources)
         dev = flat.device
         with torch.no_grad():
-            segment = self._const(
-                ("segment", str(dev)), lambda: torch.from_numpy(self.binding.segment).to(dev)
-            )
             alive = torch.bincount(
-                segment, weights=(flat > self.threshold).double(), minlength=len(self.binding.gids)
+                self._indices(dev).segment,
+                weights=(flat > self.threshold).double(),
+                minlength=len(self.binding.gids),
             )
             counts = self.binding.counts(alive.tolist())
         value, coefficients = self.binding.coefficients(counts)
@@ -309,9 +153,7 @@ class Regularizer(RegularizerBase):
         keep, cuts = self._cuts(keep, strict=False)
         with torch.no_grad():
             for name, axes in cuts.items():
-                t = _get(self._bare, name)
-                for axis, idx in axes.items():
-                    t.index_fill_(axis, torch.as_tensor(idx, device=t.device), 0)
+                _fill_zero(_get(self._bare, name), axes)
         return keep
 
     def freeze_dead(self, keep: Any = None, optimizer: Any = None) -> dict[str, list[bool]]:
@@ -329,9 +171,7 @@ class Regularizer(RegularizerBase):
             t = _get(self._bare, name)
             if not isinstance(t, torch.nn.Parameter):
                 continue  # running statistics follow the zeroed inputs by themselves
-            m = torch.ones_like(t)
-            for axis, idx in axes.items():
-                m.index_fill_(axis, torch.as_tensor(idx, device=t.device), 0)
+            m = _fill_zero(torch.ones_like(t), axes)
             masks.append((t, m))
             self._hooks.append(t.register_hook(lambda grad, m=m: grad * m))
         if optimizer is not None:
@@ -358,20 +198,12 @@ class Regularizer(RegularizerBase):
     def slice_model(
         self, keep: Any = None, fold_constants: bool = False, example_inputs: Any = None
     ) -> torch.nn.Module:
-        """A deep copy of the (unwrapped) model with the dead channels physically removed.
-
-        ``fold_constants``: each dead channel's constant output (its batch-norm shift or bias
-        once its regularized parameters are zero) is added to the biases of the layers it feeds
-        (``morphonnx prune --fold-constants``), so the copy computes what the model computes with
-        only those parameters zeroed. Zero padding makes a conv's share position-dependent near
-        borders: torch layers take any input size, so the interior value is folded and the border
-        deviation is warned about. The current model is exported on ``example_inputs`` (default:
-        random inputs of the spec's shapes) to find the constants.
-
-        Covered: Conv1d/2d/3d (incl. grouped and depthwise), ConvTranspose1d/2d/3d (groups=1),
-        Linear, BatchNorm1d/2d/3d and SyncBatchNorm (tensors and size attributes); any other
-        module owning a sliced tensor is a ``TypeError`` naming it. The copy computes what
-        ``zero_dead_`` computes."""
+        """A deep copy of the (unwrapped) model with the dead channels physically removed; it
+        computes what ``zero_dead_`` computes. ``fold_constants``: each dead channel's constant
+        output is added to the biases of the layers it feeds (as ``morphonnx prune
+        --fold-constants``; exact away from zero-padded borders, which a warning sizes), found
+        on an export of the current model on ``example_inputs`` (default: random inputs of the
+        spec's shapes). A module of a type not covered (docs/torch.md) is a ``TypeError``."""
         import copy
 
         import torch
@@ -413,6 +245,15 @@ class Regularizer(RegularizerBase):
                         module.bias = torch.nn.Parameter(torch.zeros_like(add))
                     module.get_parameter("bias").add_(add)
         return small
+
+
+def _fill_zero(t: torch.Tensor, axes: dict[int, list[int]]) -> torch.Tensor:
+    """``t`` with the given indices along each axis set to zero, in place."""
+    import torch
+
+    for axis, idx in axes.items():
+        t.index_fill_(axis, torch.as_tensor(idx, device=t.device), 0)
+    return t
 
 
 def _get(module: torch.nn.Module, own: str) -> Any:
