@@ -212,19 +212,15 @@ def cost_and_coefficients(
 
 
 def cost_and_loss(
-    ops: ArrayOps,
-    spec: Mapping[str, Any],
-    vectors: Mapping[str, Any],
-    *,
-    cost: str = "flops",
-    threshold: float = 0.0,
-    device: Device | None = None,
+    ops: ArrayOps, spec: Mapping[str, Any], vectors: Mapping[str, Any], **options: Any
 ) -> tuple[float, Any]:
     """MorphNet's cost (of the currently alive structure) and its differentiable loss, evaluated
-    on the groups' regularization ``vectors`` (group id -> vector, any array type): see
-    :func:`cost_and_coefficients`."""
+    group by group on the groups' regularization ``vectors`` (group id -> vector, any array
+    type): a channel is alive above ``options["threshold"]`` (default 0); the other options
+    (``cost``, ``device``) are :func:`cost_and_coefficients`'."""
+    threshold = options.pop("threshold", 0.0)
     counts = {gid: max(1.0, ops.count(v > threshold)) for gid, v in vectors.items()}
-    total, coeff = cost_and_coefficients(spec, counts, cost=cost, device=device)
+    total, coeff = cost_and_coefficients(spec, counts, **options)
     loss: Any = 0.0
     for gid, c in coeff.items():
         if c:

@@ -68,6 +68,31 @@ def _count_outputs(out: Any) -> int | None:
     return None
 
 
+def _io(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    dynamic_batch: bool,
+) -> dict[str, Any]:
+    """The exporter's naming arguments: given names, else ``input``/``output`` (numbered when
+    there are several; outputs counted by running the model once), and ``batch`` as axis 0 of
+    each with ``dynamic_batch``."""
+    import torch
+
+    inputs = list(input_names) if input_names is not None else _names("input", len(args))
+    outputs: list[str] | None = None
+    if output_names is not None:
+        outputs = list(output_names)
+    else:
+        with torch.no_grad():
+            outputs = _names("output", _count_outputs(model(*args)))
+    axes = None
+    if dynamic_batch:
+        axes = {n: {0: "batch"} for n in [*(inputs or []), *(outputs or [])]}
+    return {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
+
+
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -102,16 +127,7 @@ def export_onnx(
         raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {kind}")
 
     with _eval_mode(model):
-        in_names = list(input_names) if input_names is not None else _names("input", len(args))
-        out_names: list[str] | None = None
-        if output_names is not None:
-            out_names = list(output_names)
-        else:
-            with torch.no_grad():
-                out_names = _names("output", _count_outputs(model(*args)))
-        dynamic_axes = None
-        if dynamic_batch:
-            dynamic_axes = {n: {0: "batch"} for n in [*(in_names or []), *(out_names or [])]}
+        io = _io(model, args, input_names, output_names, dynamic_batch)
         keys = [k for k, _ in model.named_parameters(remove_duplicate=False)]
         keys += [k for k, _ in model.named_buffers(remove_duplicate=False)]
 
@@ -127,9 +143,7 @@ def export_onnx(
                     dynamo=False,
                     do_constant_folding=False,
                     opset_version=opset,
-                    input_names=in_names,
-                    output_names=out_names,
-                    dynamic_axes=dynamic_axes,
+                    **io,
                 )
             reduplicate(str(tmp), keys)
 
