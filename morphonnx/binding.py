@@ -84,10 +84,10 @@ def load_spec(
 
 
 def cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
-    """``cache[key]``, made on first use; the cache is emptied beyond 4096 entries (alive counts
-    change rarely, but a long run may see many sets)."""
+    """``cache[key]``, made on first use; the cache is emptied beyond 64 entries (alive counts
+    change rarely, but a long run sees many sets, each a vector as long as the channels)."""
     if key not in cache:
-        if len(cache) > 4096:
+        if len(cache) >= 64:
             cache.clear()
         cache[key] = make()
     return cache[key]

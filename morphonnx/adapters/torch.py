@@ -126,7 +126,7 @@ class Regularizer(RegularizerBase):
             lambda: torch.from_numpy(coefficients).to(device=dev, dtype=dtype),
         )
         self.last_cost = value
-        return value, torch.dot(flat.to(dtype), coef)
+        return value, (flat.to(dtype) * coef).sum()  # not BLAS dot: its thread pool wakes slowly
 
     def cost(self) -> float:
         """Cost of the currently alive structure (FLOPs, weights or seconds, as ``analyze``)."""
