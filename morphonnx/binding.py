@@ -1,12 +1,13 @@
-"""The framework-neutral half of every training adapter: a group spec bound to a model's own
-parameters.
+"""A group spec bound to a training framework's own parameters (with :mod:`morphonnx.adapterbase`,
+the framework-neutral half of every training adapter).
 
 An adapter names, for each spec tensor it can find in its model, the framework's parameter: its
 shape in the framework's layout and the axis map between the two layouts (ONNX axis ``a`` is
-framework axis ``perm[a]``: Keras kernels are HWIO, torch's equal ONNX's). Everything else lives
-here once: option checks, shape checks, the regularization plan (every group's vector from a few
-gathers, see :class:`Binding`), MorphNet's loss coefficients per set of alive counts, and the dead
-slices of a mask in the framework's layout. The adapter keeps export, tensor ops and stage 2.
+framework axis ``perm[a]``: Keras kernels are HWIO, torch's equal ONNX's). Here, once: option
+checks, shape checks, the regularization plan (every group's vector from a few gathers, see
+:class:`Binding`, evaluated with the framework's :class:`~morphonnx.regularize.ArrayOps`),
+MorphNet's loss coefficients per set of alive counts, and the dead slices of a mask in the
+framework's layout. The adapter keeps export, tensor ops and stage 2.
 """
 
 from __future__ import annotations
