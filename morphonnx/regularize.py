@@ -98,18 +98,6 @@ def group_vector(
     return vec
 
 
-def source_tensors(spec: Mapping[str, Any], kind: str) -> list[str]:
-    """Every tensor ``group_vector`` reads for the prunable groups of ``spec``."""
-    names: list[str] = []
-    for g in spec["groups"]:
-        if not g["prunable"]:
-            continue
-        reg = g["regularize"]
-        chosen = reg["gammas"] if kind == "gamma" and reg["gammas"] else reg["weights"]
-        names.extend(s["tensor"] for s in chosen if s["tensor"] not in names)
-    return names
-
-
 def select_groups(spec: Mapping[str, Any], exclude: Iterable[str] = ()) -> list[Mapping[str, Any]]:
     """Prunable groups, less those whose id matches one of the ``exclude`` regexes."""
     patterns = [re.compile(p) for p in exclude]
