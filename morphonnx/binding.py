@@ -1,27 +1,34 @@
-"""The framework-neutral half of every training adapter: a group spec bound to a model's own
-parameters.
+"""A group spec bound to a training framework's own parameters (with :mod:`morphonnx.adapterbase`,
+the framework-neutral half of every training adapter).
 
 An adapter names, for each spec tensor it can find in its model, the framework's parameter: its
 shape in the framework's layout and the axis map between the two layouts (ONNX axis ``a`` is
-framework axis ``perm[a]``: Keras kernels are HWIO, torch's equal ONNX's). Everything else lives
-here once: option checks, shape checks, the regularization plan (every group's vector from a few
-gathers, see :class:`Binding`), MorphNet's loss coefficients per set of alive counts, and the dead
-slices of a mask in the framework's layout. The adapter keeps export, tensor ops and stage 2.
+framework axis ``perm[a]``: Keras kernels are HWIO, torch's equal ONNX's). Here, once: option
+checks, shape checks, the regularization plan (every group's vector from a few gathers, see
+:class:`Binding`, evaluated with the framework's :class:`~morphonnx.regularize.ArrayOps`),
+MorphNet's loss coefficients per set of alive counts, and the dead slices of a mask in the
+framework's layout. The adapter keeps export, tensor ops and stage 2.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from morphonnx.devices import Device, resolve_device
 from morphonnx.formats import read_mask
-from morphonnx.regularize import COSTS, KINDS, cost_and_coefficients, select_groups
+from morphonnx.regularize import (
+    COSTS,
+    KINDS,
+    ArrayOps,
+    cost_and_coefficients,
+    filter_norm,
+    select_groups,
+)
 from morphonnx.spec import read_spec
 
 Stat = Literal["abs", "norm"]
@@ -77,6 +84,24 @@ def load_spec(
     return loaded, where
 
 
+def cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made on first use; the cache is emptied beyond 64 entries (alive counts
+    change rarely, but a long run sees many sets, each a vector as long as the channels)."""
+    if key not in cache:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+class Indices(NamedTuple):
+    """The plan's index arrays in some framework's type (:meth:`Binding.indices`)."""
+
+    buckets: list[Any]  # per bucket, its (channels x width) entries, flattened
+    unsort: Any  # plan order -> group order
+    segment: Any  # each plan channel's group
+
+
 @dataclass(frozen=True)
 class Param:
     """A spec tensor as the framework holds it."""
@@ -104,11 +129,13 @@ class Source:
 class Binding:
     """A spec bound to a model's parameters, with the regularizer as a few array operations.
 
-    Every regularized channel of every group reads ``index[c]`` (a row of indices into the
-    concatenation of the :attr:`sources`' per-slice statistics, padded by repeating its first
-    entry) and takes their max: that is MorphNet's max over a channel's slices and over its
-    sources (residual adds, tied convs), for all groups at once. ``segment[c]`` is the group of
-    channel ``c`` (position in :attr:`gids`), so alive counts are one segment sum.
+    Every source's per-slice statistics are concatenated into one flat vector (the 1-D gammas
+    first, raw, so one ``abs`` covers them). A regularized channel is the max of its distinct
+    entries there: MorphNet's max over a channel's slices and its sources (residual adds, tied
+    convs). Channels with the same number of entries form a bucket (one gather and, beyond one
+    entry, one max), so all groups cost a few array ops. The plan's channel order is the
+    buckets'; ``segment[c]`` is the group of plan channel ``c`` (position in :attr:`gids`), so
+    alive counts are one segment sum; ``unsort`` takes plan order back to group order.
     """
 
     spec: dict[str, Any]
@@ -117,8 +144,10 @@ class Binding:
     options: Options
     groups: list[Mapping[str, Any]] = field(init=False)
     sources: list[Source] = field(init=False)
-    index: np.ndarray = field(init=False)
+    raw: int = field(init=False)  # the first ``raw`` sources are 1-D gammas, concatenated raw
+    buckets: list[np.ndarray] = field(init=False)  # (channels, width) indices into the stats
     segment: np.ndarray = field(init=False)
+    unsort: np.ndarray = field(init=False)
     gids: list[str] = field(init=False)
     sizes: list[int] = field(init=False)
     unmapped: list[str] = field(init=False)
@@ -151,7 +180,8 @@ class Binding:
                     f"up to index {max(idx)} on ONNX axis {axis} (is it another architecture?)"
                 )
 
-    def _plan(self) -> None:
+    def _chosen(self) -> list[tuple[Mapping[str, Any], list[Mapping[str, Any]], Stat]]:
+        """Each regularized group with its source entries and their statistic."""
         chosen: list[tuple[Mapping[str, Any], list[Mapping[str, Any]], Stat]] = []
         for g in self.groups:
             reg = g["regularize"]
@@ -171,31 +201,76 @@ class Binding:
                 f"{self.where}: no prunable group left to regularize (all excluded, or none has a "
                 "batch-norm gamma or producing weight); the loss would stay 0"
             )
-        blocks: dict[tuple[str, int, Stat], Source] = {}
-        offset = 0
+        return chosen
+
+    def _plan(self) -> None:
+        chosen = self._chosen()
+        keys = {
+            (e["tensor"], self.params[e["tensor"]].axis(int(e["axis"])), stat): None
+            for _, entries, stat in chosen
+            for e in entries
+        }
+
+        def raw(key: tuple[str, int, Stat]) -> bool:  # a 1-D gamma: its statistic is |x|
+            return key[2] == "abs" and len(self.params[key[0]].shape) == 1
+
+        self.raw = sum(map(raw, keys))
+        self.sources, offset = [], 0
+        for tensor, axis, stat in sorted(keys, key=lambda k: not raw(k)):  # raw ones first
+            self.sources.append(Source(tensor, axis, stat, offset))
+            offset += self.params[tensor].shape[axis]
+        base = {(s.tensor, s.axis, s.stat): s.offset for s in self.sources}
         rows: list[list[int]] = []
-        segment: list[int] = []
+        group_of: list[int] = []
         self.gids, self.sizes = [], []
         for gi, (g, entries, stat) in enumerate(chosen):
-            per_channel: list[list[int]] = [[] for _ in range(g["channels"])]
+            per_channel: list[dict[int, None]] = [{} for _ in range(g["channels"])]
             for e in entries:
-                p = self.params[e["tensor"]]
-                axis = p.axis(int(e["axis"]))
-                key = (e["tensor"], axis, stat)
-                if key not in blocks:
-                    blocks[key] = Source(e["tensor"], axis, stat, offset)
-                    offset += p.shape[axis]
-                base = blocks[key].offset
+                start = base[(e["tensor"], self.params[e["tensor"]].axis(int(e["axis"])), stat)]
                 for k, pos in enumerate(e["positions"]):
-                    per_channel[k].extend(base + i for i in pos)
-            rows.extend(per_channel)
-            segment.extend([gi] * g["channels"])
+                    per_channel[k].update((start + i, None) for i in pos)
+            rows.extend(list(r) for r in per_channel)
+            group_of.extend([gi] * g["channels"])
             self.gids.append(g["id"])
             self.sizes.append(g["channels"])
-        width = max(len(r) for r in rows)
-        self.index = np.array([r + [r[0]] * (width - len(r)) for r in rows], dtype=np.int64)
-        self.segment = np.array(segment, dtype=np.int64)
-        self.sources = list(blocks.values())
+        widths = np.array([len(r) for r in rows])
+        plan = np.argsort(widths, kind="stable")  # plan position -> group-order position
+        self.buckets = [
+            np.array([rows[c] for c in plan[widths[plan] == w]], dtype=np.int64)
+            for w in np.unique(widths)
+        ]
+        self.segment = np.array(group_of, dtype=np.int64)[plan]
+        self.unsort = np.argsort(plan).astype(np.int64)
+
+    # ------------------------------------------------------------------ channel values
+
+    def indices(self, constant: Callable[[np.ndarray], Any]) -> Indices:
+        """The plan's index arrays as framework constants (``constant`` converts one), for an
+        adapter to make once."""
+        return Indices(
+            [constant(b.reshape(-1)) for b in self.buckets],
+            constant(self.unsort),
+            constant(self.segment),
+        )
+
+    def values(self, ops: ArrayOps, tensors: Sequence[Any], indices: Indices) -> Any:
+        """Every regularized channel's value, flat, in plan order (see :class:`Binding`).
+
+        ``tensors``: the framework tensor of each of :attr:`sources`, in order."""
+        stats = [abs(ops.cat(tensors[: self.raw]))] if self.raw else []
+        for s, x in zip(self.sources[self.raw :], tensors[self.raw :], strict=True):
+            rows = ops.rows(x, s.axis)
+            if s.stat == "abs":
+                stats.append(ops.amax(abs(rows), 1))
+            else:
+                stats.append(filter_norm(ops, rows, 1, self.options.l1_fraction))
+        flat = stats[0] if len(stats) == 1 else ops.cat(stats)
+        parts = []
+        for bucket, idx in zip(self.buckets, indices.buckets, strict=True):
+            picked = ops.take(flat, idx)
+            width = bucket.shape[1]
+            parts.append(picked if width == 1 else ops.amax(ops.reshape(picked, (-1, width)), 1))
+        return parts[0] if len(parts) == 1 else ops.cat(parts)
 
     # ------------------------------------------------------------------ cost and loss
 
@@ -205,12 +280,12 @@ class Binding:
         return tuple(max(1.0, float(c)) for c in alive)
 
     def coefficients(self, counts: tuple[float, ...]) -> tuple[float, np.ndarray]:
-        """(cost, loss coefficient of every channel, float64) at these alive counts.
+        """(cost, loss coefficient of every channel in plan order, float64) at these counts.
 
         The loss is ``dot(coefficients, channel values)``. Counts change rarely during training,
         so results are cached (adapters may keep framework copies in :attr:`cache` too)."""
-        hit = self.cache.get(counts)
-        if hit is None:
+
+        def compute() -> tuple[float, np.ndarray]:
             value, coeff = cost_and_coefficients(
                 self.spec,
                 dict(zip(self.gids, counts, strict=True)),
@@ -218,13 +293,13 @@ class Binding:
                 device=self.options.device,
             )
             per_group = np.array([coeff.get(g, 0.0) for g in self.gids], dtype=np.float64)
-            if len(self.cache) > 4096:
-                self.cache.clear()
-            hit = self.cache[counts] = (value, np.repeat(per_group, self.sizes))
-        return hit  # type: ignore[no-any-return]
+            return value, per_group[self.segment]
 
-    def split(self, flat: Any) -> dict[str, Any]:
-        """A flat per-channel array as ``{group id: vector}`` (slices, so views where possible)."""
+        return cached(self.cache, counts, compute)  # type: ignore[no-any-return]
+
+    def split(self, ops: ArrayOps, flat: Any, indices: Indices) -> dict[str, Any]:
+        """Plan-order channel values (:meth:`values`) as ``{group id: vector}``."""
+        flat = ops.take(flat, indices.unsort)
         out, start = {}, 0
         for gid, n in zip(self.gids, self.sizes, strict=True):
             out[gid] = flat[start : start + n]
@@ -274,111 +349,3 @@ class Binding:
                 + ", ".join(sorted(missing))
             )
         return out, sorted(missing)
-
-
-def onnx_fingerprint(path: str | os.PathLike[str]) -> str:
-    import onnx
-
-    from morphonnx.formats import fingerprint
-
-    return fingerprint(onnx.load(os.fspath(path), load_external_data=False))
-
-
-def export_and_spec(
-    export: Callable[[str], None], spec_path: str | os.PathLike[str]
-) -> dict[str, Any]:
-    """Run an adapter's ``export(path)`` into a temporary folder, analyse the file and write its
-    group spec to ``spec_path``; returns the spec."""
-    import tempfile
-
-    from morphonnx.api import make_spec
-    from morphonnx.formats import write_json
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        export(path)
-        spec = make_spec(path, devices=())
-    write_json(spec_path, spec)
-    return spec
-
-
-class RegularizerBase:
-    """What every adapter's ``Regularizer`` shares: options, spec and binding, masks, mask files
-    and the dead slices of stage 2. An adapter supplies :meth:`_params` (its parameters as
-    :class:`Param`), :meth:`cost_and_loss` and :meth:`_values64` (float64 channel values)."""
-
-    def __init__(
-        self,
-        model: Any,
-        spec: str | os.PathLike[str] | dict[str, Any],
-        kind: str = "gamma",
-        cost: str = "flops",
-        threshold: float = 1e-2,
-        device: Any = None,
-        l1_fraction: float = 0.0,
-        exclude: str | Sequence[str] = (),
-        onnx_path: str | os.PathLike[str] | None = None,
-    ) -> None:
-        options = check_options(kind, cost, threshold, device, l1_fraction, exclude)
-        fp = None if onnx_path is None else onnx_fingerprint(onnx_path)
-        loaded, where = load_spec(spec, fp, os.fspath(onnx_path or ""))
-        self.model = model
-        self.binding = Binding(loaded, where, self._params(loaded), options)
-        self.spec, self.where, self.groups = loaded, where, self.binding.groups
-        self.kind, self.cost_kind, self.threshold = kind, cost, options.threshold
-        self.device, self.l1_fraction = options.device, options.l1_fraction
-        self.fingerprint, self.unmapped = self.binding.fingerprint, self.binding.unmapped
-        self.last_cost: float | None = None
-
-    def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
-        raise NotImplementedError
-
-    def _values64(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def cost_and_loss(self) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def loss(self) -> Any:
-        """MorphNet's differentiable cost loss; add ``strength * reg.loss()`` to the task loss.
-        The cost it saw is kept in ``last_cost`` (for logging without a second pass)."""
-        return self.cost_and_loss()[1]
-
-    def mask(self, threshold: float | None = None, round_to: int | None = None) -> Any:
-        """The ``morphonnx.mask.MaskResult`` of the current weights (float64, like ``morphonnx
-        mask``); a group the threshold would empty keeps its strongest channel; ``round_to=K``:
-        alive counts to multiples of K, as ``morphonnx mask --round-to``."""
-        from morphonnx.mask import make_mask
-
-        t = self.threshold if threshold is None else threshold
-        return make_mask(self._values64(), t, round_to)
-
-    def write_mask(
-        self,
-        path: str | os.PathLike[str],
-        threshold: float | None = None,
-        round_to: int | None = None,
-    ) -> Any:
-        """Write the mask JSON (``morphonnx prune`` input) with the spec's fingerprint."""
-        from morphonnx.formats import write_json
-
-        result = self.mask(threshold, round_to)
-        write_json(path, result.document(self.fingerprint, self.kind))
-        return result
-
-    def _cuts(
-        self, keep: Any, strict: bool
-    ) -> tuple[dict[str, list[bool]], dict[str, dict[int, list[int]]]]:
-        """(the mask, framework name -> framework axis -> dead indices); ``keep`` is a mask dict,
-        ``MaskResult`` or mask file, None for the current mask. Unbound members are an error when
-        ``strict``, else a warning (a dead channel's consumers are zeroed, so such a constant
-        cannot reach the outputs)."""
-        keep = self.mask().keep if keep is None else self.binding.keep(keep)
-        cuts, missing = self.binding.dead_slices(keep, strict)
-        if missing:
-            warnings.warn(
-                "dead channels have slices in tensors that are not parameters or buffers of the "
-                f"model (constants computed in forward?): {', '.join(missing)}; left as they are",
-                stacklevel=3,
-            )
-        return keep, cuts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import onnx
 
 _REDUPLICATE_LIMIT = 1_800_000_000
@@ -113,3 +114,56 @@ def rename_tensors(model: onnx.ModelProto, renames: dict[str, str]) -> None:
         n.input[:] = [renames.get(i, i) for i in n.input]
     for vi in g.value_info:
         vi.name = renames.get(vi.name, vi.name)
+
+
+def bind_values(
+    protos: list[onnx.ModelProto],
+    tags: list[dict[str, np.ndarray]],
+    perms: dict[str, tuple[int, ...]],
+    values: dict[str, np.ndarray],
+) -> onnx.ModelProto:
+    """Two exports of one model, each with generic random values (``tags``: name -> array in
+    the framework's layout, ``perms``: its axis map) in every variable, as one file with stable
+    names and the real ``values``: each constant that equals a variable's tag (in ONNX layout)
+    in both exports becomes that variable, named by it; one that differs between the exports
+    without being a variable is a mix of weights, refused (its values could not be written)."""
+    from onnx import numpy_helper
+
+    from morphonnx.formats import fingerprint
+
+    a, b = (strip_counters(p) for p in protos)
+    if fingerprint(a) != fingerprint(b):
+        raise ValueError("tf2onnx wrote two different graphs for the same model; cannot map it")
+    by_size: dict[int, list[str]] = {}
+    for p, t in tags[0].items():
+        by_size.setdefault(t.size, []).append(p)
+    other = {t.name: t for t in b.graph.initializer}
+    renames: dict[str, str] = {}
+    mixed: list[str] = []
+    for init in a.graph.initializer:
+        x, y = numpy_helper.to_array(init), numpy_helper.to_array(other[init.name])
+        if x.dtype.kind != "f":
+            continue
+        hit = next(
+            (
+                p
+                for p in by_size.get(x.size, [])
+                if tags[0][p].ndim == x.ndim
+                and np.array_equal(tags[0][p].transpose(perms[p]), x)
+                and np.array_equal(tags[1][p].transpose(perms[p]), y)
+                and p not in renames.values()
+            ),
+            None,
+        )
+        if hit is not None:
+            renames[init.name] = hit
+            init.CopyFrom(numpy_helper.from_array(values[hit].transpose(perms[hit]), init.name))
+        elif not np.array_equal(x, y):
+            mixed.append(init.name)
+    if mixed:
+        raise ValueError(
+            "export_onnx: tf2onnx computed these constants from several weights, so they map to "
+            f"no single Keras variable: {', '.join(mixed)} (unsupported layer or layout)"
+        )
+    rename_tensors(a, renames)
+    return a

@@ -12,7 +12,7 @@ the sum of its regularization vector, a ``pair`` op costs ``coeff * A_in * A_out
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,18 +29,24 @@ class ArrayOps:
     """The array functions whose names differ between numpy and deep-learning frameworks."""
 
     rows: Callable[[Any, int], Any]  # move ``axis`` first and flatten the rest: (size, -1)
-    take: Callable[[Any, Any], Any]  # rows of a 2-D array at an index array, as (n, k, -1)
+    take: Callable[[Any, Any], Any]  # entries along axis 0 at an index array: x[idx]
     amax: Callable[[Any, int], Any]  # max over one axis
+    mean: Callable[[Any, int], Any]  # mean over one axis
     maximum: Callable[[Any, Any], Any]  # element-wise max
     count: Callable[[Any], float]  # number of true entries, as a plain float (no gradient)
+    cat: Callable[[Sequence[Any]], Any]  # concatenation along axis 0
+    reshape: Callable[[Any, tuple[int, ...]], Any]
 
 
 NUMPY = ArrayOps(
     rows=lambda x, axis: np.moveaxis(np.asarray(x), axis, 0).reshape(np.shape(x)[axis], -1),
     take=lambda x, idx: x[idx],
     amax=lambda x, axis: x.max(axis=axis),
+    mean=lambda x, axis: x.mean(axis=axis),
     maximum=np.maximum,
     count=lambda x: float(np.sum(x)),
+    cat=np.concatenate,
+    reshape=np.reshape,
 )
 
 
@@ -49,6 +55,15 @@ def positions_index(positions: list[list[int]]) -> np.ndarray:
     their first slice (max over a repeat changes nothing)."""
     width = max(len(p) for p in positions)
     return np.array([p + [p[0]] * (width - len(p)) for p in positions], dtype=np.int64)
+
+
+def filter_norm(ops: ArrayOps, x: Any, axis: int, l1_fraction: float) -> Any:
+    """Group LASSO's per-filter value over ``axis``: ``(1 - l1) * sqrt(mean(w^2)) + l1 *
+    mean(|w|)``."""
+    norm = ops.mean(x * x, axis) ** 0.5
+    if l1_fraction:
+        norm = (1 - l1_fraction) * norm + l1_fraction * ops.mean(abs(x), axis)
+    return norm
 
 
 def group_vector(
@@ -74,28 +89,13 @@ def group_vector(
         for w in reg["weights"]:
             rows = ops.rows(tensors[w["tensor"]], w["axis"])
             picked = ops.take(rows, positions_index(w["positions"]))
-            norm = (picked * picked).mean(2) ** 0.5
-            if l1_fraction:
-                norm = (1 - l1_fraction) * norm + l1_fraction * abs(picked).mean(2)
-            sources.append(norm)
+            sources.append(filter_norm(ops, picked, 2, l1_fraction))
     if not sources:
         return None
     vec = ops.amax(sources[0], 1)
     for s in sources[1:]:
         vec = ops.maximum(vec, ops.amax(s, 1))
     return vec
-
-
-def source_tensors(spec: Mapping[str, Any], kind: str) -> list[str]:
-    """Every tensor ``group_vector`` reads for the prunable groups of ``spec``."""
-    names: list[str] = []
-    for g in spec["groups"]:
-        if not g["prunable"]:
-            continue
-        reg = g["regularize"]
-        chosen = reg["gammas"] if kind == "gamma" and reg["gammas"] else reg["weights"]
-        names.extend(s["tensor"] for s in chosen if s["tensor"] not in names)
-    return names
 
 
 def select_groups(spec: Mapping[str, Any], exclude: Iterable[str] = ()) -> list[Mapping[str, Any]]:
@@ -204,19 +204,15 @@ def cost_and_coefficients(
 
 
 def cost_and_loss(
-    ops: ArrayOps,
-    spec: Mapping[str, Any],
-    vectors: Mapping[str, Any],
-    *,
-    cost: str = "flops",
-    threshold: float = 0.0,
-    device: Device | None = None,
+    ops: ArrayOps, spec: Mapping[str, Any], vectors: Mapping[str, Any], **options: Any
 ) -> tuple[float, Any]:
     """MorphNet's cost (of the currently alive structure) and its differentiable loss, evaluated
-    on the groups' regularization ``vectors`` (group id -> vector, any array type): see
-    :func:`cost_and_coefficients`."""
+    group by group on the groups' regularization ``vectors`` (group id -> vector, any array
+    type): a channel is alive above ``options["threshold"]`` (default 0); the other options
+    (``cost``, ``device``) are :func:`cost_and_coefficients`'."""
+    threshold = options.pop("threshold", 0.0)
     counts = {gid: max(1.0, ops.count(v > threshold)) for gid, v in vectors.items()}
-    total, coeff = cost_and_coefficients(spec, counts, cost=cost, device=device)
+    total, coeff = cost_and_coefficients(spec, counts, **options)
     loss: Any = 0.0
     for gid, c in coeff.items():
         if c:

@@ -95,29 +95,38 @@ def test_plan_gathers_every_channel_from_all_its_sources() -> None:
     b = bind()
     assert b.gids == ["g0", "g1"] and b.sizes == [3, 4]
     by = {(s.tensor, s.stat): s for s in b.sources}
-    # gamma group: both gammas, the second one reversed; Gemm group: rows of fc/kernel on its
-    # framework axis 1 (ONNX axis 0 through the axis map)
+    # gamma group: both gammas (raw, first), the second one reversed; Gemm group: rows of
+    # fc/kernel on its framework axis 1 (ONNX axis 0 through the axis map)
+    assert b.raw == 2 and {s.tensor for s in b.sources[:2]} == {"bn.g", "bn2.g"}
     assert by[("fc.w", "norm")].axis == 1
     g, g2 = by[("bn.g", "abs")].offset, by[("bn2.g", "abs")].offset
-    assert b.index[:3].tolist() == [[g, g2 + 2], [g + 1, g2 + 1], [g + 2, g2]]
-    assert b.segment.tolist() == [0, 0, 0, 1, 1, 1, 1]
-    # evaluating the plan with numpy equals the core's per-group formula
+    f = by[("fc.w", "norm")].offset
+    # buckets by entries per channel: g1's four single rows, then g0's channels of two gammas
+    assert [x.tolist() for x in b.buckets] == [
+        [[f], [f + 1], [f + 2], [f + 3]],
+        [[g, g2 + 2], [g + 1, g2 + 1], [g + 2, g2]],
+    ]
+    assert b.segment.tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert b.unsort.tolist() == [4, 5, 6, 0, 1, 2, 3]
+    # evaluating the plan with numpy equals a hand gather and the core's per-group formula
     rng = np.random.default_rng(0)
     tensors = {
         "bn.g": rng.normal(size=3),
         "bn2.g": rng.normal(size=3),
         "fc.w": rng.normal(size=(3, 4)),
     }
-    stats = np.zeros(int(b.index.max()) + 1)
+    stats = np.zeros(f + 4)
     stats[g : g + 3] = np.abs(tensors["bn.g"])
     stats[g2 : g2 + 3] = np.abs(tensors["bn2.g"])
-    f = by[("fc.w", "norm")].offset
     stats[f : f + 4] = np.sqrt((tensors["fc.w"] ** 2).mean(0))
-    flat = stats[b.index].max(1)
+    by_hand = np.concatenate([stats[x].max(1) for x in b.buckets])
+    indices = b.indices(lambda a: a)
+    flat = b.values(NUMPY, [tensors[s.tensor] for s in b.sources], indices)
+    np.testing.assert_allclose(flat, by_hand)
     onnx_layout = {"bn.g": tensors["bn.g"], "bn2.g": tensors["bn2.g"], "fc.w": tensors["fc.w"].T}
     from morphonnx.regularize import group_vector
 
-    for gid, vec in b.split(flat).items():
+    for gid, vec in b.split(NUMPY, flat, indices).items():
         group = next(gr for gr in SPEC["groups"] if gr["id"] == gid)
         np.testing.assert_allclose(vec, group_vector(NUMPY, group, onnx_layout, "gamma"))
 
@@ -127,11 +136,11 @@ def test_coefficients_are_the_loss_once_counts_are_fixed() -> None:
     value, per_channel = b.coefficients(b.counts([2, 0]))  # g1 empty: counted as one
     # conv: 10 * 2 * A0; fc: 2 * A0 * A1; loss = 10*2*R0 + 2*(A0*R1 + A1*R0)
     assert value == 10 * 2 * 2 + 2 * 2 * 1
-    assert per_channel.tolist() == [20 + 2 * 1] * 3 + [2 * 2] * 4
+    assert per_channel.tolist() == [2 * 2] * 4 + [20 + 2 * 1] * 3  # plan order: g1, then g0
     vectors = {"g0": np.array([0.5, 0.2, 0.0]), "g1": np.zeros(4)}
     total, loss = cost_and_loss(NUMPY, SPEC, vectors, threshold=0.1)
     assert total == value
-    assert loss == pytest.approx(per_channel[:3] @ vectors["g0"])
+    assert loss == pytest.approx(per_channel[4:] @ vectors["g0"])
     assert cost_and_coefficients(SPEC, {"g0": 2.0, "g1": 1.0})[1] == {"g0": 22.0, "g1": 4.0}
 
 

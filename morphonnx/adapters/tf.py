@@ -1,232 +1,45 @@
-"""Keras 3 (TensorFlow) side of MorphNet: an ONNX export whose structure and names do not depend
-on weight values or on per-process counters, the regularizer's tensor ops, and stage 2.
-
-tf2onnx folds batch norms into convolutions, drops zero biases, merges equal constants and names
-tensors with process-wide counters, so its output depends on the weights' values and on how many
-exports ran before. :func:`export_onnx` therefore exports twice with generic random values in
-every variable (no zeros, no equal tensors), keeps BatchNormalization as its own node (its gamma
-is MorphNet's signal, and the spec must see it), identifies every ONNX constant as one Keras
-variable in ONNX layout (a constant that is a mix of weights is refused: its values could not be
-written exactly), names it by the variable's path and strips the counters from every other name.
-Everything framework-neutral is in :mod:`morphonnx.binding`. tensorflow is imported lazily.
+"""Keras 3 (TensorFlow) side of MorphNet's training: the regularizer's tensor ops (eager, in
+``tf.function``, under ``tf.distribute``, in ``model.fit``) and stage 2 (zeroing, slicing
+layers), on the framework-neutral core (:mod:`morphonnx.binding`, :mod:`morphonnx.adapterbase`).
+The export is :mod:`morphonnx.adapters.tf_export` (re-exported here). tensorflow is imported
+lazily.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import Any
 
 import numpy as np
 
-from morphonnx.binding import Param, RegularizerBase
+from morphonnx.adapterbase import RegularizerBase
+from morphonnx.adapters.tf_export import export_onnx, export_spec, keras_layouts
+from morphonnx.binding import Param
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import onnx
-
-__all__ = ["Regularizer", "export_onnx", "export_spec", "keras_layouts"]
-
-_EXPORT_LOCK = threading.Lock()
+__all__ = ["Regularizer", "export_onnx", "export_spec", "keras_layouts", "tf_ops"]
 
 
-def keras_layouts(model: Any) -> dict[str, tuple[Any, tuple[int, ...]]]:
-    """Variable path -> (variable, axis map): ONNX axis ``a`` of the exported constant is axis
-    ``perm[a]`` of the Keras variable. Conv kernels ``(*k, in, out)`` export as
-    ``(out, in, *k)``, transposed-conv kernels ``(*k, out, in)`` as ``(in, out, *k)``, depthwise
-    kernels ``(*k, C, 1)`` as ``(C, 1, *k)``; everything else (Dense ``in x out``, biases, batch
-    norms) keeps its layout."""
-    from keras import layers
-
-    conv: tuple[Any, ...] = (layers.Conv1D, layers.Conv2D, layers.Conv3D)
-    conv += (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
-    depthwise = (layers.DepthwiseConv1D, layers.DepthwiseConv2D)
-    separable = (layers.SeparableConv1D, layers.SeparableConv2D)
-    perms: dict[int, tuple[int, ...]] = {}
-
-    def swap_last(v: Any, first: int, second: int) -> None:
-        n = len(v.shape)
-        perms[id(v)] = (n + first, n + second, *range(n - 2))
-
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, conv):
-            swap_last(layer.kernel, -1, -2)
-        elif isinstance(layer, depthwise):
-            swap_last(layer.kernel, -2, -1)
-        elif isinstance(layer, separable):
-            swap_last(layer.depthwise_kernel, -2, -1)
-            swap_last(layer.pointwise_kernel, -1, -2)
-    out: dict[str, tuple[Any, tuple[int, ...]]] = {}
-    for v in model.weights:
-        if v.path in out:
-            raise ValueError(f"two variables of the model share the path '{v.path}'")
-        out[v.path] = (v, perms.get(id(v), tuple(range(len(v.shape)))))
-    return out
-
-
-@contextlib.contextmanager
-def _exporting() -> Iterator[None]:
-    """BatchNormalization as one FusedBatchNormV3 (an ONNX BatchNormalization) on NHWC inputs,
-    and tf2onnx's Conv+BatchNormalization fusion off, for the duration of one export."""
-    import tensorflow as tf
-    from keras import layers
-    from tf2onnx.optimizer import back_to_back_optimizer as b2b
-
-    original = layers.BatchNormalization.call
-
-    def call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
-        if (
-            training
-            or len(inputs.shape) != 4
-            or self.axis not in (-1, 3)
-            or inputs.dtype != "float32"
-        ):
-            return original(self, inputs, training=training, mask=mask)
-        ones = tf.ones((inputs.shape[-1],), inputs.dtype)
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            inputs,
-            self.gamma if self.scale else ones,
-            self.beta if self.center else 0 * ones,
-            self.moving_mean,
-            self.moving_variance,
-            epsilon=self.epsilon,
-            data_format="NHWC",
-            is_training=False,
-        )
-        return y
-
-    fusion = ("Conv", "BatchNormalization")
-    with _EXPORT_LOCK:
-        handler = b2b._func_map.pop(fusion, None)
-        layers.BatchNormalization.call = call
-        try:
-            yield
-        finally:
-            layers.BatchNormalization.call = original
-            if handler is not None:
-                b2b._func_map[fusion] = handler
-
-
-def export_onnx(
-    model: Any, input_signature: Sequence[Any], path: str | os.PathLike[str], *, opset: int = 17
-) -> None:
-    """Export a Keras model to ONNX at ``path`` (atomically) with tf2onnx; ``input_signature`` is
-    a tuple of ``tf.TensorSpec`` (their names name the ONNX inputs). Weight-derived constants are
-    named by Keras variable paths (``conv2d/kernel``); see the module docstring for why the
-    export runs twice with generic values. The model's weights are restored afterwards."""
-    import keras
-    import tf2onnx
-
-    from morphonnx.formats import atomic_write
-
-    if isinstance(model, keras.Sequential):  # tf2onnx cannot name a Sequential's outputs
-        model = keras.Model(model.inputs, model.outputs)
-    layouts = keras_layouts(model)
-    floats = {p: vp for p, vp in layouts.items() if np.dtype(vp[0].dtype).kind == "f"}
-    saved = {p: v.numpy() for p, (v, _) in floats.items()}
-    tags: list[dict[str, np.ndarray]] = []
-    protos = []
-    try:
-        for seed in (1, 2):
-            rng = np.random.default_rng(seed)
-            tag = {p: rng.uniform(0.5, 1.5, v.shape).astype(v.dtype) for p, v in saved.items()}
-            for p, (v, _) in floats.items():
-                v.assign(tag[p])
-            with _exporting(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                proto, _ = tf2onnx.convert.from_keras(
-                    model, input_signature=tuple(input_signature), opset=opset
-                )
-            tags.append(tag)
-            protos.append(proto)
-    finally:
-        for p, (v, _) in floats.items():
-            v.assign(saved[p])
-    proto = _bind_values(protos, tags, {p: perm for p, (_, perm) in floats.items()}, saved)
-    atomic_write(path, lambda tmp: _save(proto, tmp))
-
-
-def _save(proto: onnx.ModelProto, tmp: Path) -> None:
-    import onnx
-
-    onnx.save(proto, str(tmp))
-
-
-def _bind_values(
-    protos: list[onnx.ModelProto],
-    tags: list[dict[str, np.ndarray]],
-    perms: dict[str, tuple[int, ...]],
-    values: dict[str, np.ndarray],
-) -> onnx.ModelProto:
-    """The first export with stable names and the real weights: each constant that equals a
-    variable's tag (in ONNX layout) in both exports becomes that variable; one that differs
-    between the exports without being a variable is a mix of weights, refused."""
-    from onnx import numpy_helper
-
-    from morphonnx.export_fix import rename_tensors, strip_counters
-    from morphonnx.formats import fingerprint
-
-    a, b = (strip_counters(p) for p in protos)
-    if fingerprint(a) != fingerprint(b):
-        raise ValueError("tf2onnx wrote two different graphs for the same model; cannot map it")
-    by_size: dict[int, list[str]] = {}
-    for p, t in tags[0].items():
-        by_size.setdefault(t.size, []).append(p)
-    other = {t.name: t for t in b.graph.initializer}
-    renames: dict[str, str] = {}
-    mixed: list[str] = []
-    for init in a.graph.initializer:
-        x, y = numpy_helper.to_array(init), numpy_helper.to_array(other[init.name])
-        if x.dtype.kind != "f":
-            continue
-        hit = next(
-            (
-                p
-                for p in by_size.get(x.size, [])
-                if tags[0][p].ndim == x.ndim
-                and np.array_equal(tags[0][p].transpose(perms[p]), x)
-                and np.array_equal(tags[1][p].transpose(perms[p]), y)
-                and p not in renames.values()
-            ),
-            None,
-        )
-        if hit is not None:
-            renames[init.name] = hit
-            init.CopyFrom(numpy_helper.from_array(values[hit].transpose(perms[hit]), init.name))
-        elif not np.array_equal(x, y):
-            mixed.append(init.name)
-    if mixed:
-        raise ValueError(
-            "export_onnx: tf2onnx computed these constants from several weights, so they map to "
-            f"no single Keras variable: {', '.join(mixed)} (unsupported layer or layout)"
-        )
-    rename_tensors(a, renames)
-    return a
-
-
-def export_spec(
-    model: Any, input_signature: Sequence[Any], spec_path: str | os.PathLike[str], **kwargs: Any
-) -> dict[str, Any]:
-    """:func:`export_onnx` + ``morphonnx spec`` in one call; returns the spec (weights do not
-    matter: it fits every later export of the same architecture)."""
-    from morphonnx.binding import export_and_spec
-
-    return export_and_spec(lambda p: export_onnx(model, input_signature, p, **kwargs), spec_path)
-
-
-# --------------------------------------------------------------------------- MorphNet regularizer
-
-
-def _rows(x: Any, axis: int) -> Any:
+@functools.cache
+def tf_ops() -> Any:
+    """:class:`morphonnx.regularize.ArrayOps` for TensorFlow tensors."""
     import tensorflow as tf
 
-    if len(x.shape) == 1:
-        return x
-    order = [axis, *(a for a in range(len(x.shape)) if a != axis)]
-    return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
+    from morphonnx.regularize import ArrayOps
+
+    def rows(x: Any, axis: int) -> Any:
+        order = [axis, *(a for a in range(len(x.shape)) if a != axis)]
+        return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
+
+    return ArrayOps(
+        rows=rows,
+        take=tf.gather,
+        amax=lambda x, axis: tf.reduce_max(x, axis),
+        mean=lambda x, axis: tf.reduce_mean(x, axis),
+        maximum=tf.maximum,
+        count=lambda x: float(tf.reduce_sum(tf.cast(x, tf.float64))),
+        cat=lambda xs: tf.concat(xs, 0),
+        reshape=tf.reshape,
+    )
 
 
 class Regularizer(RegularizerBase):
@@ -239,8 +52,10 @@ class Regularizer(RegularizerBase):
         import tensorflow as tf
 
         super().__init__(model, spec, *args, **kwargs)
-        self._index = tf.constant(self.binding.index)
-        self._segment = tf.constant(self.binding.segment)
+        self._indices = self.binding.indices(tf.constant)
+
+    def _array_ops(self) -> Any:
+        return tf_ops()
 
     def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
         layouts = keras_layouts(self.model)
@@ -252,24 +67,12 @@ class Regularizer(RegularizerBase):
         }
 
     def _flat(self, cast: Any = None) -> Any:
-        """Every regularized channel's value, flat: per-source statistics, one gather, one max."""
+        """Every regularized channel's value in the plan's order (the core's few array ops)."""
         import tensorflow as tf
 
-        stats = []
-        for s in self.binding.sources:
-            x = self._vars[s.tensor].value
-            rows = _rows(x if cast is None else tf.cast(x, cast), s.axis)
-            one = len(rows.shape) == 1
-            if s.stat == "abs":
-                stats.append(tf.abs(rows) if one else tf.reduce_max(tf.abs(rows), 1))
-                continue
-            norm = tf.sqrt(rows * rows if one else tf.reduce_mean(rows * rows, 1))
-            if self.l1_fraction:
-                l1 = tf.abs(rows) if one else tf.reduce_mean(tf.abs(rows), 1)
-                norm = (1 - self.l1_fraction) * norm + self.l1_fraction * l1
-            stats.append(norm)
-        picked = tf.gather(tf.concat(stats, 0), self._index)
-        return picked[:, 0] if picked.shape[1] == 1 else tf.reduce_max(picked, 1)
+        xs = [self._vars[s.tensor].value for s in self.binding.sources]
+        xs = xs if cast is None else [tf.cast(x, cast) for x in xs]
+        return self.binding.values(tf_ops(), xs, self._indices)
 
     def _coefficients(self, alive: Any) -> tuple[Any, Any]:
         """(cost, coefficients) for these alive counts, looked up in Python (also from inside a
@@ -282,7 +85,7 @@ class Regularizer(RegularizerBase):
             return np.float64(value), coef.astype(np.float32)
 
         value, coef = tf.py_function(lookup, [alive], [tf.float64, tf.float32])
-        coef.set_shape(self._segment.shape)
+        coef.set_shape(self._indices.segment.shape)
         return value, tf.stop_gradient(coef)
 
     def cost_and_loss(self) -> tuple[Any, Any]:
@@ -292,7 +95,7 @@ class Regularizer(RegularizerBase):
         flat = self._flat()
         alive = tf.math.unsorted_segment_sum(
             tf.cast(tf.stop_gradient(flat) > self.threshold, tf.float64),
-            self._segment,
+            self._indices.segment,
             len(self.binding.gids),
         )
         value, coef = self._coefficients(alive)
@@ -306,7 +109,8 @@ class Regularizer(RegularizerBase):
         """Regularization vector (one value per channel, float64) of every regularized group."""
         import tensorflow as tf
 
-        return self.binding.split(self._flat(tf.float64).numpy())
+        flat = self._flat(tf.float64)
+        return {k: v.numpy() for k, v in self.binding.split(tf_ops(), flat, self._indices).items()}
 
     _values64 = vectors
 
@@ -354,12 +158,12 @@ class Regularizer(RegularizerBase):
         """A new functional (or Sequential) Keras model with the dead channels removed: layer
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
         computes. A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
-        _, cuts = self._cuts(keep, strict=True)
+        _, kept = self._kept(keep)
         values = {}
         for path, v in self._vars.items():
             value = v.numpy()
-            for axis, idx in cuts.get(path, {}).items():
-                value = np.delete(value, idx, axis)
+            for axis, idx in kept.get(path, {}).items():
+                value = np.take(value, idx, axis)
             values[path] = value
         config = self.model.get_config()
         if not isinstance(config, dict) or "layers" not in config:

@@ -1,223 +1,53 @@
-"""PyTorch side of MorphNet: ONNX export that keeps what the analysis needs, the regularizer's
-tensor ops, and stage 2 (zeroing, freezing, slicing modules).
-
-``export_onnx`` keeps BatchNormalization nodes unfolded (their gammas carry the MorphNet signal)
-and names initializers after ``state_dict()`` keys, so a spec maps back onto the model (torch's
-layouts equal ONNX's: the axis map is the identity). Everything framework-neutral (options,
-binding and shape checks, the regularization plan, loss coefficients, dead slices) is in
-:mod:`morphonnx.binding`. torch is imported only inside functions.
+"""PyTorch side of MorphNet's training: the regularizer's tensor ops and stage 2 (zeroing,
+freezing, slicing modules), on the framework-neutral core (:mod:`morphonnx.binding`,
+:mod:`morphonnx.adapterbase`). The export is :mod:`morphonnx.adapters.torch_export` (re-exported
+here). torch is imported only inside functions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+import functools
 from typing import TYPE_CHECKING, Any
 
-from morphonnx.binding import Binding, Param, RegularizerBase
+from morphonnx.adapterbase import RegularizerBase, map_names, strip_segments
+from morphonnx.adapters.torch_export import export_onnx, export_spec, unwrap_model
+from morphonnx.binding import Indices, Param
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 __all__ = ["Regularizer", "export_onnx", "export_spec", "torch_ops", "unwrap_model"]
 
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, so
-    names match the user's own ``state_dict()``."""
-    import torch
-
-    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    seen: set[int] = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, parallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
+_WRAPPERS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every submodule's own training flag is restored after (parts
-    deliberately kept in eval stay so)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _names(prefix: str, count: int | None) -> list[str] | None:
-    if count is None:
-        return None
-    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
-
-
-def _count_outputs(out: Any) -> int | None:
-    """Number of flat tensor outputs, or None when the output structure is not a flat tuple."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return 1
-    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
-        return len(out)
-    return None
-
-
-def export_onnx(
-    model: torch.nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
-    path: str | os.PathLike[str],
-    *,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    dynamic_batch: bool = False,
-    opset: int = 17,
-) -> None:
-    """Export ``model`` to ONNX at ``path``, keeping BN nodes and state_dict names.
-
-    TorchScript exporter (``dynamo=False``) without constant folding: BatchNormalization stays
-    unfused and initializers are named after ``state_dict()`` keys. Eval mode for the export,
-    wrappers removed first. Unnamed inputs/outputs become ``input``/``output`` (``input_0``...
-    when there are several); ``dynamic_batch`` marks axis 0 of each as ``batch``. Written
-    atomically. The exporter's de-duplication of equal tensors is undone
-    (:func:`morphonnx.export_fix.reduplicate`), so the structure never depends on weight values.
-    """
-    import torch
-
-    from morphonnx.export_fix import reduplicate
-    from morphonnx.formats import atomic_write
-
-    model = unwrap_model(model)
-    if isinstance(example_inputs, torch.Tensor):
-        args: tuple[Any, ...] = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs)
-    else:
-        kind = type(example_inputs).__name__
-        raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {kind}")
-
-    with _eval_mode(model):
-        in_names = list(input_names) if input_names is not None else _names("input", len(args))
-        out_names: list[str] | None = None
-        if output_names is not None:
-            out_names = list(output_names)
-        else:
-            with torch.no_grad():
-                out_names = _names("output", _count_outputs(model(*args)))
-        dynamic_axes = None
-        if dynamic_batch:
-            dynamic_axes = {n: {0: "batch"} for n in [*(in_names or []), *(out_names or [])]}
-        keys = [k for k, _ in model.named_parameters(remove_duplicate=False)]
-        keys += [k for k, _ in model.named_buffers(remove_duplicate=False)]
-
-        def write(tmp: Path) -> None:
-            with warnings.catch_warnings():
-                # dynamo=False is deliberate (see docstring); silence its deprecation notice.
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                torch.onnx.export(
-                    model,
-                    args,
-                    str(tmp),
-                    dynamo=False,
-                    do_constant_folding=False,
-                    opset_version=opset,
-                    input_names=in_names,
-                    output_names=out_names,
-                    dynamic_axes=dynamic_axes,
-                )
-            reduplicate(str(tmp), keys)
-
-        atomic_write(path, write)
-
-
-def export_spec(
-    model: torch.nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
-    spec_path: str | os.PathLike[str],
-    **export_kwargs: Any,
-) -> dict[str, Any]:
-    """Export ``model`` with :func:`export_onnx` and write its group spec; returns the spec.
-
-    Weight values do not matter (an untrained model is fine): the spec fits every later export
-    of the same architecture. Cost coefficients use ``example_inputs``' batch. ``export_kwargs``
-    go to :func:`export_onnx` (use the same ones for the trained export).
-    """
-    from morphonnx.binding import export_and_spec
-
-    return export_and_spec(
-        lambda p: export_onnx(model, example_inputs, p, **export_kwargs), spec_path
-    )
-
-
-# --------------------------------------------------------------------------- MorphNet regularizer
-
-_WRAPPER_PREFIXES = ("module", "_orig_mod")
 _COVERED = (
     "Conv1d/2d/3d (incl. grouped and depthwise), ConvTranspose1d/2d/3d (groups=1), Linear, "
     "BatchNorm1d/2d/3d, SyncBatchNorm"
 )
 
 
+@functools.cache
 def torch_ops() -> Any:
     """:class:`morphonnx.regularize.ArrayOps` for torch tensors (counts carry no gradient)."""
     import torch
 
     from morphonnx.regularize import ArrayOps
 
+    def take(x: torch.Tensor, idx: Any) -> torch.Tensor:
+        idx = torch.as_tensor(idx, device=x.device)
+        return x.index_select(0, idx) if idx.dim() == 1 else x[idx]
+
     return ArrayOps(
         rows=lambda x, axis: torch.movedim(x, axis, 0).reshape(x.shape[axis], -1),
-        take=lambda x, idx: x[torch.as_tensor(idx, device=x.device)],
+        take=take,
         amax=lambda x, axis: torch.amax(x, dim=axis),
+        mean=lambda x, axis: x.mean(axis),
         maximum=torch.maximum,
         count=lambda x: float(x.sum().item()),
+        cat=lambda xs: torch.cat(list(xs)),
+        reshape=torch.reshape,
     )
-
-
-def _canonical(name: str) -> str:
-    """A tensor name without wrapper segments: leading ``module.`` (DDP/DataParallel) and any
-    ``_orig_mod.`` (torch.compile, also on compiled submodules)."""
-    parts = name.split(".")
-    while len(parts) > 1 and parts[0] in _WRAPPER_PREFIXES:
-        parts.pop(0)
-    return ".".join(p for p in parts if p != "_orig_mod") or name
-
-
-def _statistics(binding: Binding, tensors: dict[str, Any], l1_fraction: float, index: Any) -> Any:
-    """Every group's per-channel regularization values, flat: one gather and one max."""
-    import torch
-
-    if all(s.stat == "abs" and tensors[s.tensor].dim() == 1 for s in binding.sources):
-        flat = torch.cat([tensors[s.tensor] for s in binding.sources]).abs()  # gammas: 2 ops
-        picked = flat[index]
-        return picked[:, 0] if picked.shape[1] == 1 else picked.amax(1)
-    stats = []
-    for s in binding.sources:
-        x = tensors[s.tensor]
-        rows = x if x.dim() == 1 else torch.movedim(x, s.axis, 0).reshape(x.shape[s.axis], -1)
-        if s.stat == "abs":
-            stats.append(rows.abs() if x.dim() == 1 else rows.abs().amax(1))
-            continue
-        sq = rows * rows if x.dim() == 1 else (rows * rows).mean(1)
-        norm = sq**0.5
-        if l1_fraction:
-            norm = (1 - l1_fraction) * norm + l1_fraction * (
-                rows.abs() if x.dim() == 1 else rows.abs().mean(1)
-            )
-        stats.append(norm)
-    flat = torch.cat(stats) if len(stats) > 1 else stats[0]
-    picked = flat[index]
-    return picked[:, 0] if picked.shape[1] == 1 else picked.amax(1)
 
 
 class Regularizer(RegularizerBase):
@@ -231,43 +61,48 @@ class Regularizer(RegularizerBase):
 
     def __init__(self, model: torch.nn.Module, spec: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, spec, *args, **kwargs)
-        bare = unwrap_model(model)
-        self._sources = {s.tensor: _get(bare, self._names[s.tensor]) for s in self.binding.sources}
+        self._sources = {
+            s.tensor: _get(self._bare, self._names[s.tensor]) for s in self.binding.sources
+        }
         self._coefficients = self.binding.cache
-        self._on_device: dict[tuple[Any, ...], Any] = {}
         self._hooks: list[Any] = []
 
+    def _array_ops(self) -> Any:
+        return torch_ops()
+
+    @property
+    def _bare(self) -> torch.nn.Module:
+        return unwrap_model(self.model)
+
     def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
-        bare = unwrap_model(self.model)
-        self._names = _map_names(bare, spec)
+        bare = self._bare
+        own = [n for n, _ in bare.named_parameters(remove_duplicate=False)]
+        own += [n for n, _ in bare.named_buffers(remove_duplicate=False)]
+        self._names = map_names(own, spec, lambda n: strip_segments(n, _WRAPPERS, _WRAPPERS[1:]))
         params = {id(p) for p in bare.parameters()}
         bound = {}
-        for spec_name, own in self._names.items():
-            t = _get(bare, own)
-            bound[spec_name] = Param(own, tuple(t.shape), tuple(range(t.dim())), id(t) in params)
+        for spec_name, name in self._names.items():
+            t = _get(bare, name)
+            bound[spec_name] = Param(name, tuple(t.shape), tuple(range(t.dim())), id(t) in params)
         return bound
 
-    def _const(self, key: tuple[Any, ...], make: Any) -> Any:
-        """A constant tensor on a device, made once (index arrays, coefficients)."""
-        if key not in self._on_device:
-            if len(self._on_device) > 4096:
-                self._on_device.clear()
-            self._on_device[key] = make()
-        return self._on_device[key]
-
-    def _flat(self, tensors: dict[str, Any]) -> Any:
+    def _indices(self, device: Any) -> Indices:
         import torch
 
-        some = next(iter(tensors.values()))
-        index = self._const(
-            ("index", str(some.device)),
-            lambda: torch.from_numpy(self.binding.index).to(some.device),
+        return self._const(  # type: ignore[no-any-return]
+            ("index", str(device)),
+            lambda: self.binding.indices(lambda a: torch.from_numpy(a).to(device)),
         )
-        return _statistics(self.binding, tensors, self.l1_fraction, index)
+
+    def _flat(self, tensors: dict[str, Any]) -> Any:
+        """Every regularized channel's value in the plan's order (the core's few array ops)."""
+        xs = [tensors[s.tensor] for s in self.binding.sources]
+        return self.binding.values(torch_ops(), xs, self._indices(xs[0].device))
 
     def vectors(self, tensors: dict[str, Any] | None = None) -> dict[str, Any]:
         """Regularization vector (one value per channel) of every regularized group."""
-        return self.binding.split(self._flat(self._sources if tensors is None else tensors))
+        flat = self._flat(self._sources if tensors is None else tensors)
+        return self.binding.split(torch_ops(), flat, self._indices(flat.device))
 
     def cost_and_loss(self) -> tuple[float, torch.Tensor]:
         """(cost of the alive structure, differentiable MorphNet loss) in one pass: the channel
@@ -278,11 +113,10 @@ class Regularizer(RegularizerBase):
         flat = self._flat(self._sources)
         dev = flat.device
         with torch.no_grad():
-            segment = self._const(
-                ("segment", str(dev)), lambda: torch.from_numpy(self.binding.segment).to(dev)
-            )
             alive = torch.bincount(
-                segment, weights=(flat > self.threshold).double(), minlength=len(self.binding.gids)
+                self._indices(dev).segment,
+                weights=(flat > self.threshold).double(),
+                minlength=len(self.binding.gids),
             )
             counts = self.binding.counts(alive.tolist())
         value, coefficients = self.binding.coefficients(counts)
@@ -292,22 +126,7 @@ class Regularizer(RegularizerBase):
             lambda: torch.from_numpy(coefficients).to(device=dev, dtype=dtype),
         )
         self.last_cost = value
-        return value, torch.dot(flat.to(dtype), coef)
-
-    def _direct(self, vectors: dict[str, Any]) -> tuple[float, torch.Tensor]:
-        """The core's formula evaluated group by group (a reference for the fast path)."""
-        from morphonnx.regularize import cost_and_loss
-
-        value, loss = cost_and_loss(
-            torch_ops(),
-            self.spec,
-            vectors,
-            cost=self.cost_kind,
-            threshold=self.threshold,
-            device=self.device,
-        )
-        self.last_cost = value
-        return value, loss
+        return value, (flat.to(dtype) * coef).sum()  # not BLAS dot: its thread pool wakes slowly
 
     def cost(self) -> float:
         """Cost of the currently alive structure (FLOPs, weights or seconds, as ``analyze``)."""
@@ -332,12 +151,9 @@ class Regularizer(RegularizerBase):
         import torch
 
         keep, cuts = self._cuts(keep, strict=False)
-        bare = unwrap_model(self.model)
         with torch.no_grad():
             for name, axes in cuts.items():
-                t = _get(bare, name)
-                for axis, idx in axes.items():
-                    t.index_fill_(axis, torch.as_tensor(idx, device=t.device), 0)
+                _fill_zero(_get(self._bare, name), axes)
         return keep
 
     def freeze_dead(self, keep: Any = None, optimizer: Any = None) -> dict[str, list[bool]]:
@@ -350,15 +166,12 @@ class Regularizer(RegularizerBase):
 
         self.unfreeze()
         keep, cuts = self._cuts(keep, strict=False)
-        bare = unwrap_model(self.model)
         masks: list[tuple[Any, Any]] = []
         for name, axes in cuts.items():
-            t = _get(bare, name)
+            t = _get(self._bare, name)
             if not isinstance(t, torch.nn.Parameter):
                 continue  # running statistics follow the zeroed inputs by themselves
-            m = torch.ones_like(t)
-            for axis, idx in axes.items():
-                m.index_fill_(axis, torch.as_tensor(idx, device=t.device), 0)
+            m = _fill_zero(torch.ones_like(t), axes)
             masks.append((t, m))
             self._hooks.append(t.register_hook(lambda grad, m=m: grad * m))
         if optimizer is not None:
@@ -385,37 +198,27 @@ class Regularizer(RegularizerBase):
     def slice_model(
         self, keep: Any = None, fold_constants: bool = False, example_inputs: Any = None
     ) -> torch.nn.Module:
-        """A deep copy of the (unwrapped) model with the dead channels physically removed.
-
-        ``fold_constants``: each dead channel's constant output (its batch-norm shift or bias
-        once its regularized parameters are zero) is added to the biases of the layers it feeds
-        (``morphonnx prune --fold-constants``), so the copy computes what the model computes with
-        only those parameters zeroed. Zero padding makes a conv's share position-dependent near
-        borders: torch layers take any input size, so the interior value is folded and the border
-        deviation is warned about. The current model is exported on ``example_inputs`` (default:
-        random inputs of the spec's shapes) to find the constants.
-
-        Covered: Conv1d/2d/3d (incl. grouped and depthwise), ConvTranspose1d/2d/3d (groups=1),
-        Linear, BatchNorm1d/2d/3d and SyncBatchNorm (tensors and size attributes); any other
-        module owning a sliced tensor is a ``TypeError`` naming it. The copy computes what
-        ``zero_dead_`` computes."""
+        """A deep copy of the (unwrapped) model with the dead channels physically removed; it
+        computes what ``zero_dead_`` computes. ``fold_constants``: each dead channel's constant
+        output is added to the biases of the layers it feeds (as ``morphonnx prune
+        --fold-constants``; exact away from zero-padded borders, which a warning sizes), found
+        on an export of the current model on ``example_inputs`` (default: random inputs of the
+        spec's shapes). A module of a type not covered (docs/torch.md) is a ``TypeError``."""
         import copy
 
         import torch
 
-        _, cuts = self._cuts(keep, strict=True)
-        small = copy.deepcopy(unwrap_model(self.model))
+        keep, kept = self._kept(keep)
+        small = copy.deepcopy(self._bare)
         touched: dict[str, torch.nn.Module] = {}
-        for name, axes in cuts.items():
+        for name, axes in kept.items():
             path, _, attr = name.rpartition(".")
             module = small.get_submodule(path) if path else small
             _check_covered(path, module)
             old = getattr(module, attr)
             new = old.detach()
-            for axis, dead in axes.items():
-                dead_set = set(dead)
-                kept = [i for i in range(new.shape[axis]) if i not in dead_set]
-                new = new.index_select(axis, torch.as_tensor(kept, device=new.device))
+            for axis, idx in axes.items():
+                new = new.index_select(axis, torch.as_tensor(idx, device=new.device))
             if isinstance(old, torch.nn.Parameter):
                 param = torch.nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
                 for mod in small.modules():  # tied parameters stay tied
@@ -428,75 +231,29 @@ class Regularizer(RegularizerBase):
         for path, module in touched.items():
             _resize(path, module)
         if fold_constants:
-            self._fold_into_biases(small, keep, example_inputs)
+            if example_inputs is None:
+                device = next(self._bare.parameters()).device
+                shapes = self.spec["model"].get("inputs", {}).values()
+                example_inputs = tuple(torch.randn(list(s), device=device) for s in shapes)
+            export = lambda p: export_onnx(self._bare, example_inputs, p)  # noqa: E731
+            for weight, delta in self._bias_deltas(keep, export):
+                module = small.get_submodule(weight.rpartition(".")[0])
+                w = module.get_parameter("weight")
+                add = torch.as_tensor(delta, dtype=w.dtype, device=w.device)
+                with torch.no_grad():
+                    if module.bias is None:
+                        module.bias = torch.nn.Parameter(torch.zeros_like(add))
+                    module.get_parameter("bias").add_(add)
         return small
 
-    def _fold_into_biases(self, small: torch.nn.Module, keep: Any, example_inputs: Any) -> None:
-        """Add each consumer's correction (``morphonnx.foldconst.plan_fold`` on an export of the
-        current model) to the bias of its layer in ``small``."""
-        import tempfile
 
-        import torch
+def _fill_zero(t: torch.Tensor, axes: dict[int, list[int]]) -> torch.Tensor:
+    """``t`` with the given indices along each axis set to zero, in place."""
+    import torch
 
-        from morphonnx.api import analyze_file
-        from morphonnx.foldconst import plan_fold
-
-        keep = self.mask().keep if keep is None else self.binding.keep(keep)
-        bare = unwrap_model(self.model)
-        if example_inputs is None:
-            device = next(bare.parameters()).device
-            shapes = self.spec["model"].get("inputs", {}).values()
-            example_inputs = tuple(torch.randn(list(s), device=device) for s in shapes)
-        with tempfile.TemporaryDirectory(prefix="morphonnx-fold-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            export_onnx(bare, example_inputs, path)
-            a = analyze_file(path)
-            theirs = {g.id: {m.tensor for m in g.members} for g in a.solution.groups}
-            for g in self.spec["groups"]:
-                if g["id"] in keep and theirs.get(g["id"]) != {m["tensor"] for m in g["members"]}:
-                    raise ValueError(
-                        f"slice_model: an export of the model does not match {self.where} (group "
-                        f"{g['id']}); pass example_inputs like those given to export_spec"
-                    )
-            plan = plan_fold(a, keep, self.kind)
-        border = 0.0
-        for c in plan.corrections:
-            if c.weight not in self.binding.params:
-                raise ValueError(f"slice_model: no layer owns `{c.weight}` to fold a constant into")
-            path = self.binding.params[c.weight].name.rpartition(".")[0]
-            module = small.get_submodule(path)
-            weight = module.get_parameter("weight")
-            delta = torch.as_tensor(c.interior, dtype=weight.dtype, device=weight.device)
-            with torch.no_grad():
-                if module.bias is None:
-                    module.bias = torch.nn.Parameter(torch.zeros_like(delta))
-                module.get_parameter("bias").add_(delta)
-            border = max(border, c.border)
-        if border > 0 and not all(c.uniform for c in plan.corrections):
-            warnings.warn(
-                f"slice_model: folded constants are exact away from zero-padded borders only "
-                f"(up to {border:.3g} off there)",
-                stacklevel=3,
-            )
-
-
-def _map_names(bare: torch.nn.Module, spec: dict[str, Any]) -> dict[str, str]:
-    """Spec tensor name -> the model's own name (parameter or buffer), through wrapper prefixes."""
-    own = [n for n, _ in bare.named_parameters(remove_duplicate=False)]
-    own += [n for n, _ in bare.named_buffers(remove_duplicate=False)]
-    exact = set(own)
-    canon: dict[str, str | None] = {}
-    for n in own:
-        c = _canonical(n)
-        canon[c] = n if canon.get(c, n) == n else None  # ambiguous -> None
-    mapping: dict[str, str] = {}
-    for g in spec["groups"]:
-        for m in g["members"]:
-            t = m["tensor"]
-            hit = t if t in exact else canon.get(_canonical(t))
-            if hit:
-                mapping[t] = hit
-    return mapping
+    for axis, idx in axes.items():
+        t.index_fill_(axis, torch.as_tensor(idx, device=t.device), 0)
+    return t
 
 
 def _get(module: torch.nn.Module, own: str) -> Any:
