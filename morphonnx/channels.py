@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 
 from morphonnx.errors import MorphonnxError
+from morphonnx.formats import Attention
 from morphonnx.graph import Graph
 from morphonnx.ir import Node, Shape
 from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
@@ -67,6 +68,7 @@ class Channels:
     stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
     zero_memo: dict[str, bool] = field(default_factory=dict)  # ops.linear.zero_when_dead
     targets: dict[str, np.ndarray] = field(default_factory=dict)  # ops.layout.constant_target
+    attention: Attention = "dims"  # how a split that feeds attention is grouped (ops.layout)
 
     def slot_for(self, tensor: str, axis: int, *, const: bool, role: Role = "") -> Slot:
         key = (tensor, axis)

@@ -14,7 +14,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import onnx
 import onnx.numpy_helper
@@ -24,6 +24,24 @@ from morphonnx.errors import MorphonnxError
 SPEC_FORMAT = "morphonnx.spec"
 MASK_FORMAT = "morphonnx.mask"
 VERSION = 1
+
+Attention = Literal["dims", "heads"]
+"""How attention heads are grouped (``--attention``): ``dims``, per head dim (the same dims in
+every head; the default), or ``heads``, whole heads. Specs and masks record it."""
+ATTENTION: tuple[Attention, ...] = get_args(Attention)
+
+
+def check_attention(value: object, where: str = "attention") -> Attention:
+    """``value`` as an :data:`Attention` grouping; anything else is refused, naming ``where``."""
+    for known in ATTENTION:
+        if value == known:
+            return known
+    raise MorphonnxError(f"{where}: {value!r} is not an attention grouping (dims or heads)")
+
+
+def recorded_attention(doc: dict[str, Any], path: str | os.PathLike[str]) -> Attention:
+    """The grouping a spec or mask was made with (``dims`` for files without the field)."""
+    return check_attention(doc.get("attention", "dims"), f"{os.fspath(path)}: 'attention'")
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
