@@ -20,7 +20,13 @@ from typing import Any, Literal
 import numpy as np
 
 from morphonnx.devices import Device, resolve_device
-from morphonnx.formats import read_mask
+from morphonnx.formats import (
+    MASK_FORMAT,
+    file_attention,
+    read_mask,
+    recorded_attention,
+    same_attention,
+)
 from morphonnx.regularize import COSTS, KINDS, cost_and_coefficients, select_groups
 from morphonnx.spec import read_spec
 
@@ -126,6 +132,7 @@ class Binding:
 
     def __post_init__(self) -> None:
         self.fingerprint: str = self.spec["model"].get("fingerprint", "")
+        self.attention = recorded_attention(self.spec, self.where)
         self.groups = select_groups(self.spec, self.options.exclude)
         members = {m["tensor"] for g in self.spec["groups"] for m in g["members"]}
         self.unmapped = sorted(members - set(self.params))
@@ -241,6 +248,7 @@ class Binding:
             fp, groups = read_mask(keep)
             if self.fingerprint and fp != self.fingerprint:
                 raise ValueError(f"{os.fspath(keep)}: mask was made for another model")
+            same_attention(file_attention(keep, MASK_FORMAT), self.attention, keep)
             return groups
         return {k: list(v) for k, v in keep.items()}
 
@@ -363,7 +371,7 @@ class RegularizerBase:
         from morphonnx.formats import write_json
 
         result = self.mask(threshold, round_to)
-        write_json(path, result.document(self.fingerprint, self.kind))
+        write_json(path, result.document(self.fingerprint, self.kind, self.binding.attention))
         return result
 
     def _cuts(

@@ -20,7 +20,14 @@ import numpy as np
 
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import MASK_FORMAT, VERSION, read_mask
+from morphonnx.formats import (
+    MASK_FORMAT,
+    Attention,
+    file_attention,
+    mask_document,
+    read_mask,
+    same_attention,
+)
 from morphonnx.regularize import NUMPY, group_vector
 
 
@@ -32,16 +39,11 @@ class MaskResult:
     rescued: list[str] = field(default_factory=list)
     note: str = ""
 
-    def document(self, fp: str, kind: str) -> dict[str, Any]:
-        return {
-            "format": MASK_FORMAT,
-            "version": VERSION,
-            "model_fingerprint": fp,
-            "groups": self.keep,
-            "threshold": self.threshold,
-            "kind": kind,
-            "rescued": self.rescued,
-        }
+    def document(self, fp: str, kind: str, attention: Attention = "dims") -> dict[str, Any]:
+        """The mask file: for the model of fingerprint ``fp``, grouped as ``attention``."""
+        return mask_document(
+            fp, self.keep, attention, threshold=self.threshold, kind=kind, rescued=self.rescued
+        )
 
 
 def group_values(
@@ -172,6 +174,8 @@ def check_mask(a: Analysis, path: str, fp: str, groups: dict[str, list[bool]]) -
 
 
 def load_mask(a: Analysis, path: str) -> dict[str, list[bool]]:
+    """A mask file's groups, refused unless made for this model and its attention grouping."""
     fp, groups = read_mask(path)
     check_mask(a, path, fp, groups)
+    same_attention(file_attention(path, MASK_FORMAT), a.attention, path)
     return groups

@@ -135,7 +135,7 @@ def _heads_reach_attention(ctx: RuleContext, tensor: str, axis: int) -> bool:
     another axis) or keep it (scaling, rotary embeddings, norms over other axes): then its
     blocks are attention heads. An axis that is gathered, split or sliced on picks q, k or v,
     and is not one."""
-    todo, seen = [(tensor, axis)], set()
+    todo, seen = [(tensor, axis)], set[tuple[str, int]]()
     while todo and len(seen) < 64:
         t, a = todo.pop()
         if (t, a) in seen:
@@ -360,7 +360,10 @@ def _computed_target(ctx: RewriteContext) -> None:
     if got == want or len(value) != len(want):
         return
     wrong = np.array(
-        [g != w and value[i] > 0 and exact[i] == others[i] for i, (g, w) in enumerate(zip(got, want))]
+        [
+            g != w and value[i] > 0 and exact[i] == others[i]
+            for i, (g, w) in enumerate(zip(got, want, strict=True))
+        ]
     )
     if wrong.any():
         name = f"{ctx.node.name}__pruned_target"
