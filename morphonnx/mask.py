@@ -152,12 +152,21 @@ def make_mask(
     return MaskResult(threshold, keep, values, rescued)
 
 
-def check_mask(a: Analysis, path: str, fp: str, groups: dict[str, list[bool]]) -> None:
-    """Refuse a mask that does not fit this model, naming the first problem."""
+def check_mask(
+    a: Analysis,
+    path: str,
+    fp: str,
+    groups: dict[str, list[bool]],
+    attention: Attention | None = None,
+) -> None:
+    """Refuse a mask that does not fit this model (or, with ``attention``, the grouping it was
+    made with differs from the analysis's), naming the first problem."""
     if fp != a.fingerprint:
         raise MorphonnxError(
             f"{path}: mask was made for another model (fingerprint {fp} != {a.fingerprint})"
         )
+    if attention is not None:
+        same_attention(attention, a.attention, path)
     known = {g.id: g for g in a.solution.groups}
     for gid, keep in groups.items():
         g = known.get(gid)
@@ -176,6 +185,5 @@ def check_mask(a: Analysis, path: str, fp: str, groups: dict[str, list[bool]]) -
 def load_mask(a: Analysis, path: str) -> dict[str, list[bool]]:
     """A mask file's groups, refused unless made for this model and its attention grouping."""
     fp, groups = read_mask(path)
-    check_mask(a, path, fp, groups)
-    same_attention(file_attention(path, MASK_FORMAT), a.attention, path)
+    check_mask(a, path, fp, groups, file_attention(path, MASK_FORMAT))
     return groups

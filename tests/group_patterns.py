@@ -4,6 +4,7 @@ variants, and one helper that prunes any model with random masks and verifies it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnx
 from onnx_builders import Builder
 
 from morphonnx.analysis import Analysis, analyze
+from morphonnx.formats import Attention
 from morphonnx.prune import check_pruned, prune_model, save_model
 from morphonnx.verify import verify
 
@@ -27,20 +29,26 @@ def random_keep(a: Analysis, seed: int) -> dict[str, list[bool]]:
     return keep
 
 
-def prune_verified(path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> list[onnx.ModelProto]:
-    """Prune ``path`` with a random mask per seed; each result passes the checker, equals the
-    zeroed original tensor by tensor in onnxruntime, and costs what ``predict`` said."""
+def prune_verified(
+    path: Path,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    attention: Attention = "dims",
+    masks: Callable[[Analysis, int], dict[str, list[bool]]] = random_keep,
+) -> list[onnx.ModelProto]:
+    """Prune ``path`` with a mask per seed (``masks``, random by default), analysed with
+    ``attention``; each result passes the checker, equals the zeroed original tensor by tensor
+    in onnxruntime, and costs what ``predict`` said."""
     results = []
     for seed in seeds:
-        a = analyze(path)
-        keep = random_keep(a, seed)
+        a = analyze(path, attention=attention)
+        keep = masks(a, seed)
         assert keep, [(g.id, g.reason) for g in a.solution.groups]
         _, predicted = a.predict(keep)
         pruned = prune_model(a, keep)
         out = path.with_name(f"{path.stem}-pruned{seed}.onnx")
         save_model(pruned, out, path)
         check_pruned(out, str(out))
-        v = verify(analyze(path), keep, pruned)
+        v = verify(analyze(path, attention=attention), keep, pruned)
         assert v.ok and v.tensors > 0, v.failures[:5]
         b = analyze(out)
         assert (b.totals.macs, b.totals.params) == (predicted.macs, predicted.params)
