@@ -20,13 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from morphonnx.devices import Device, resolve_device
-from morphonnx.formats import (
-    MASK_FORMAT,
-    file_attention,
-    read_mask,
-    recorded_attention,
-    same_attention,
-)
+from morphonnx.formats import MASK_FORMAT, file_attention, read_mask, recorded_attention
 from morphonnx.regularize import COSTS, KINDS, cost_and_coefficients, select_groups
 from morphonnx.spec import read_spec
 
@@ -248,7 +242,12 @@ class Binding:
             fp, groups = read_mask(keep)
             if self.fingerprint and fp != self.fingerprint:
                 raise ValueError(f"{os.fspath(keep)}: mask was made for another model")
-            same_attention(file_attention(keep, MASK_FORMAT), self.attention, keep)
+            made = file_attention(keep, MASK_FORMAT)
+            if made != self.attention:
+                raise ValueError(
+                    f"{os.fspath(keep)}: mask groups attention by '{made}', the spec by "
+                    f"'{self.attention}'"
+                )
             return groups
         return {k: list(v) for k, v in keep.items()}
 

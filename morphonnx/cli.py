@@ -55,12 +55,12 @@ def _model_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
 def _attention_arg(p: argparse.ArgumentParser, recorded_in: str = "") -> None:
     from morphonnx.formats import ATTENTION
 
-    taken = f"; default: the {recorded_in}'s (they record it)" if recorded_in else ""
+    default = f"the one the {recorded_in} records" if recorded_in else "dims"
     p.add_argument(
         "--attention",
         choices=ATTENTION,
-        help="how attention heads are grouped: dims (per head dim, the same dims in every head; "
-        f"the default) or heads (whole heads: a head's q, k, v dims and projection rows){taken}",
+        help="how attention heads are grouped: dims (per head dim, the same dims in every head) "
+        f"or heads (whole heads: a head's q, k, v dims and projection rows); default {default}",
     )
 
 

@@ -1,16 +1,15 @@
 """Whole attention heads (``attention="heads"``): a head's q, k and v dims and the output
 projection's rows live or die together, found automatically in attention built in several
 variants (separate q/k/v, fused qkv cut by Split or Slice, fused qkv reshaped 5-D; static and
-dynamic batch; opsets 13 to 18) and in torch exports (a timm-style attention,
-``nn.MultiheadAttention``). Each is pruned with random masks of heads and verified tensor by
-tensor in onnxruntime; the pruned model's reshape targets hold the kept head count and its MACs
-equal a hand count. The grouping is an option that specs and masks record, so mask and prune
-use the spec's, and one made under the other grouping is refused."""
+dynamic batch; opsets 13 to 18; q through qk-norm and rotary embeddings). Each is pruned with
+random masks of heads and verified tensor by tensor in onnxruntime; the pruned model's reshape
+targets hold the kept head count and its MACs equal a hand count. The grouping is an option
+that specs and masks record, so mask and prune use the spec's, and one made under the other
+grouping is refused. Torch exports: ``test_attention_heads_torch.py``."""
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from test_cli import run
 
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.api import make_mask, make_spec, prune_file
+from morphonnx.binding import Binding, Param, check_options
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import write_json
+from morphonnx.formats import mask_document, write_json
 from morphonnx.mask import load_mask
 from morphonnx.spec import read_spec
 
@@ -102,6 +102,18 @@ def test_whole_heads(opset: int, dynamic: bool, form: str, tmp_path: Path) -> No
         assert b.totals.macs == attention_macs(kept, dim)
 
 
+@pytest.mark.parametrize("form", ["separate", "fused5d"])
+def test_whole_heads_through_qk_norm_and_rotary(form: str, tmp_path: Path) -> None:
+    """q through a norm over the head dim, rotary embeddings (slices of the head dim, Neg,
+    Concat) and a scale multiplied from the left still reaches q·kᵀ with its heads on the batch
+    axis: whole heads, pruned and verified."""
+    path = attention(17, True, form, 3, 4, extras=True).save(tmp_path)
+    g = group_of(analyze(path, attention="heads").solution, "proj.weight", 0)
+    assert g.prunable and g.channels == 3
+    assert member(g, "proj.weight", 0).positions == head_blocks(3, 4)
+    prune_verified(path, seeds=(0, 1), attention="heads", masks=dropping("proj.weight", 0))
+
+
 def test_heads_and_dims_are_separate_analyses(tmp_path: Path) -> None:
     """The default stays per head dim (q·k dims and v dims, D channels each); heads gives one
     group of H. The two groupings never share a group id's meaning silently: see the spec and
@@ -135,111 +147,6 @@ def test_an_axis_that_picks_q_k_v_is_not_heads(tmp_path: Path) -> None:
     path = b.save(tmp_path)
     g = group_of(analyze(path, attention="heads").solution, "qkv.weight", 1)
     assert g.channels == 3  # the head axis of [B, N, 3, H, D], not the 3
-
-
-# --------------------------------------------------------------------------- torch exports
-
-torch = pytest.importorskip("torch")
-nn = torch.nn
-
-
-class TimmAttention(nn.Module):
-    """timm's ViT attention: one qkv Linear, reshape [B, N, 3, H, D], permute, unbind."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
-        self.proj = nn.Linear(heads * head_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        att = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, n, -1))
-
-
-class Block(nn.Module):
-    """Linear in, attention with a residual add, Linear out (E = heads·head_dim for torch's
-    MultiheadAttention)."""
-
-    def __init__(self, attn: nn.Module, need_weights: bool = False) -> None:
-        super().__init__()
-        self.inp, self.attn, self.out = nn.Linear(8, 12), attn, nn.Linear(12, 5)
-        self.need_weights = need_weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inp(x)
-        if isinstance(self.attn, nn.MultiheadAttention):
-            z = self.attn(y, y, y, need_weights=self.need_weights)[0]
-        else:
-            z = self.attn(y)
-        return self.out(y + z)
-
-
-OUT_PROJ = ("attn.out_proj.weight", 1)  # MultiheadAttention: a Gemm with transB
-TORCH_ATTENTION: dict[str, tuple[Callable[[], nn.Module], tuple[str, int]]] = {
-    # the exporter's Transpose of a Linear weight is folded: the member is its output
-    "timm": (lambda: Block(TimmAttention(12, 3, 4)), ("/attn/proj/Transpose_output_0", 0)),
-    "mha_sdpa": (lambda: Block(nn.MultiheadAttention(12, 3, batch_first=True)), OUT_PROJ),
-    "mha_weights": (
-        lambda: Block(nn.MultiheadAttention(12, 3, batch_first=True), True),
-        OUT_PROJ,
-    ),
-}
-"""Each model, and the output projection's weight with the axis of its input rows."""
-
-
-def export(name: str, dynamic: bool, folder: Path) -> Path:
-    from morphonnx.adapters.torch import export_onnx
-
-    torch.manual_seed(0)
-    model = TORCH_ATTENTION[name][0]().eval()
-    path = folder / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(model, torch.randn(1, 6, 8), path, dynamic_batch=dynamic)
-    return path
-
-
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("name", sorted(TORCH_ATTENTION))
-def test_torch_attention_whole_heads(name: str, dynamic: bool, tmp_path: Path) -> None:
-    """Three heads of 4 found with no hint, pruned by random sets of heads and verified, MACs
-    of each pruned model equal to the hand count (Linears plus the attention MatMuls). Torch's
-    MultiheadAttention exported with a dynamic batch splits its heads into ``batch x heads``,
-    computed at run time: that group stops with the reason, the rest still prunes."""
-    path = export(name, dynamic, tmp_path)
-    proj, axis = TORCH_ATTENTION[name][1]
-    sol = analyze(path, attention="heads").solution
-    g = group_of(sol, proj, axis)
-    if dynamic and name.startswith("mha"):
-        assert not g.prunable
-        assert any("target computed at run time" in (h.reason or "") for h in sol.groups)
-        prune_verified(path, seeds=(0,), attention="heads")
-        return
-    assert g.prunable and g.channels == 3
-    assert member(g, proj, axis).positions == head_blocks(3, 4)
-    masks = dropping(proj, axis)
-    a = analyze(path, attention="heads")
-    for seed, model in enumerate(prune_verified(path, (0, 1), "heads", masks)):
-        kept = sum(masks(a, seed)[g.id])
-        n, e = 6, 12
-        linears = n * 8 * e + n * e * 5
-        b = analyze(saved(model, tmp_path / f"pruned{seed}.onnx"))
-        assert b.totals.macs == linears + attention_macs(kept, 4, e=e, n=n)
-
-
-def test_torch_sdpa_scale_stops_head_dims(tmp_path: Path) -> None:
-    """Per head dim, torch's scaled_dot_product_attention reads ``1/sqrt(head_dim)`` from q's
-    shape: removing dims would change the scale, so the q·k dims stop with that reason (whole
-    heads keep the head dim and prune, above)."""
-    path = export("mha_sdpa", False, tmp_path)
-    sol = analyze(path).solution
-    stopped = [g for g in sol.groups if "used as data at node" in (g.reason or "")]
-    assert stopped and all(g.channels == 4 and not g.prunable for g in stopped)
-    prune_verified(path, seeds=(0,))
 
 
 # --------------------------------------------------------------------------- the option
@@ -307,6 +214,29 @@ def test_library_refuses_a_mixed_grouping(tmp_path: Path) -> None:
     assert report.measured.macs == attention_macs(2, 4)
 
 
+def test_adapter_binding_keeps_the_grouping(tmp_path: Path) -> None:
+    """A training adapter bound to a whole-heads spec writes masks that say so and refuses a
+    per-head-dim mask (its group ids mean other channels)."""
+    path = attention(17, False, "separate", 3, 4).save(tmp_path)
+    model = onnx.load(str(path))
+    params = {
+        t.name: Param(t.name, tuple(t.dims), tuple(range(len(t.dims))))
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and t.dims
+    }
+    options = check_options("group_lasso", "flops", 1e-6, None, 0.0, ())
+    heads = analyze(path, attention="heads")
+    binding = Binding(make_spec(heads), "spec.json", params, options)
+    assert binding.attention == "heads"
+    mask = tmp_path / "mask.json"
+    gid = group_of(heads.solution, "proj.weight", 0).id
+    write_json(mask, mask_document(heads.fingerprint, {gid: [True, False, True]}, "heads"))
+    assert binding.keep(mask) == {gid: [True, False, True]}
+    write_json(mask, mask_document(heads.fingerprint, {gid: [True, False, True]}))
+    with pytest.raises(ValueError, match="mask groups attention by 'dims', the spec by 'heads'"):
+        binding.keep(mask)
+
+
 def test_files_without_the_field_are_per_head_dim(tmp_path: Path) -> None:
     """Specs and masks written before the option read as ``dims``; a value that is neither is
     refused with a line naming the file."""
@@ -322,24 +252,3 @@ def test_files_without_the_field_are_per_head_dim(tmp_path: Path) -> None:
     write_json(bad, doc)
     with pytest.raises(MorphonnxError, match=r"bad.json: 'attention': 'rows' is not an attention"):
         read_spec(bad)
-
-
-def test_vit_with_separate_qkv_prunes_whole_heads(tmp_path: Path) -> None:
-    """The zoo's ViT (separate q, k, v Linears, torch ``view`` targets from shapes, blocks of
-    3 and 2 heads): one group of whole heads per block, pruned with random masks and verified."""
-    from zoo_outside import build_torch, example_torch
-
-    from morphonnx.adapters.torch import export_onnx
-
-    path = tmp_path / "vit.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(build_torch("vit_mha"), example_torch("vit_mha"), path)
-    sol = analyze(path, attention="heads").solution
-    heads = [group_of(sol, f"blocks.{i}.attn.q.bias", 0) for i in range(2)]
-    assert [(g.prunable, g.channels) for g in heads] == [(True, 3), (True, 2)]
-    assert member(heads[0], "blocks.0.attn.v.bias", 0).positions == head_blocks(3, 8)
-    assert member(heads[1], "/blocks/blocks.1/attn/out/Transpose_output_0", 0).positions == (
-        head_blocks(2, 6)
-    )
-    prune_verified(path, seeds=(0,), attention="heads")

@@ -7,7 +7,9 @@ target: channel shuffle, per-head dims, radix groups) or *whole blocks* (the out
 a block lives or dies whole: group norm). Per position is taken when ``d`` is an axis of its own
 and nothing reading the split takes statistics over it; whole blocks when the inner factor is
 merged with the following axes (``[B, G, C/G*H*W]``) or reduced over, where removing one position
-would change the statistics of the rest of its block.
+would change the statistics of the rest of its block. With ``attention="heads"`` (an analysis
+option), a split whose head axis reaches attention's MatMuls as a batch axis takes *whole heads*:
+the factor just above the head dim, each head with all of its dims.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def _heads_reach_attention(ctx: RuleContext, tensor: str, axis: int) -> bool:
             continue
         seen.add((t, a))
         for node in ctx.graph.consumers.get(t, []):
-            if not node.standard or node.inputs[:1] != [t] and node.op_type != "MatMul":
+            if not node.standard or node.inputs[:1] != [t] and node.op_type not in _ANY_INPUT:
                 continue
             if node.op_type == "MatMul" and not any(ctx.is_const(i) for i in node.inputs):
                 if a < ctx.rank(t) - 2:
@@ -179,6 +181,8 @@ def _head_axis_after(ctx: RuleContext, node: Node, t: str, a: int) -> tuple[str,
     return (out, b) if out_shape[b] == shape[a] else None
 
 
+_ANY_INPUT = frozenset("MatMul Mul Div Add Sub Concat".split())
+"""Ops that may read the heads on any input (others: on input 0)."""
 _KEEPS_HEADS = frozenset(
     """Split Slice Concat Expand Mul Div Add Sub Neg Cast Identity LayerNormalization""".split()
 )
