@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from cli_runner import run
 from onnx import TensorProto, helper, numpy_helper
 
-from morphonnx.cli import main
 from morphonnx.formats import MASK_FORMAT, VERSION, fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,12 +181,7 @@ def time_limit(seconds: float) -> Iterator[None]:
 def run_cli(capsys: Any, *argv: object, seconds: float = 60) -> tuple[int, str, str]:
     """``morphonnx argv`` in-process, bounded in time: (exit status, stdout, stderr)."""
     with time_limit(seconds):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
+        return run(capsys, *argv)
 
 
 def _limit_memory() -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_runner import run
 from onnx import TensorProto, helper, numpy_helper
 
 from morphonnx.cli import main
@@ -46,16 +47,6 @@ EXTRA = {
     "op": {"bound"},
 }
 EXTRA["group"] = {"producers"}
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    """``morphonnx argv`` in-process: (exit status, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def run_process(*argv: object, cwd: Path) -> subprocess.CompletedProcess[str]:

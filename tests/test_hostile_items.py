@@ -37,6 +37,14 @@ HALF = {"g0": [k % 2 == 0 for k in range(WIDTH)]}
 ALL: dict[str, list[bool]] = {}  # keeps every weight as it is: still in external data
 
 
+def external_data_case(tmp_path: Path) -> tuple[Path, Path]:
+    """An input model with external data and an output path in a folder of its own."""
+    src = with_external_data(conv_chain(tmp_path / "m.onnx"), tmp_path / "in.onnx", "in.data")
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    return src, out
+
+
 def outputs(path: Path) -> np.ndarray:
     x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -89,9 +97,7 @@ def test_1_iterative_prune_keeps_the_input_data_file(tmp_path: Path, capsys: obj
 def test_2_interrupted_prune_keeps_the_earlier_pair(
     tmp_path: Path, capsys: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = with_external_data(conv_chain(tmp_path / "m.onnx"), tmp_path / "in.onnx", "in.data")
-    out = tmp_path / "out" / "pruned.onnx"
-    out.parent.mkdir()
+    src, out = external_data_case(tmp_path)
     mask = mask_for(src, tmp_path / "mask.json", ALL)
     assert run_cli(capsys, "prune", src, "--mask", mask, "-o", out)[0] == 0
     good = outputs(out)
@@ -111,9 +117,7 @@ def test_2_interrupted_prune_keeps_the_earlier_pair(
 
 def test_2_replaced_pair_leaves_no_stale_data(tmp_path: Path, capsys: object) -> None:
     """Each prune to the same output replaces the pair: the old data file goes."""
-    src = with_external_data(conv_chain(tmp_path / "m.onnx"), tmp_path / "in.onnx", "in.data")
-    out = tmp_path / "out" / "pruned.onnx"
-    out.parent.mkdir()
+    src, out = external_data_case(tmp_path)
     for keep, files in ((ALL, 2), (ALL, 2), (HALF, 1)):
         mask = mask_for(src, tmp_path / "mask.json", keep)
         assert run_cli(capsys, "prune", src, "--mask", mask, "-o", out)[0] == 0
@@ -212,9 +216,7 @@ sys.exit(main(["prune", *sys.argv[1:]]))
 
 
 def test_4_sigterm_leaves_no_temporary_files(tmp_path: Path, capsys: object) -> None:
-    src = with_external_data(conv_chain(tmp_path / "m.onnx"), tmp_path / "in.onnx", "in.data")
-    out = tmp_path / "out" / "pruned.onnx"
-    out.parent.mkdir()
+    src, out = external_data_case(tmp_path)
     mask = mask_for(src, tmp_path / "mask.json", ALL)
     assert run_cli(capsys, "prune", src, "--mask", mask, "-o", out)[0] == 0
     before = snapshot(tmp_path)
@@ -226,9 +228,7 @@ def test_4_sigterm_leaves_no_temporary_files(tmp_path: Path, capsys: object) -> 
 
 
 def test_4_concurrent_prunes_to_one_output(tmp_path: Path) -> None:
-    src = with_external_data(conv_chain(tmp_path / "m.onnx"), tmp_path / "in.onnx", "in.data")
-    out = tmp_path / "out" / "pruned.onnx"
-    out.parent.mkdir()
+    src, out = external_data_case(tmp_path)
     mask = mask_for(src, tmp_path / "mask.json", ALL)
     procs = [start_cli("prune", src, "--mask", mask, "-o", out, cwd=tmp_path) for _ in range(3)]
     for p in procs:

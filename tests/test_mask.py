@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_runner import run
 
-from morphonnx.cli import main
 from morphonnx.report import seconds, si
 
 torch = pytest.importorskip("torch")
@@ -90,15 +90,6 @@ def export(net: nn.Module, path: Path, **params: list[float] | np.ndarray) -> Pa
         net.eval(), torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)), path
     )
     return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def spec_and_mask(

@@ -14,18 +14,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from cli_runner import run
 from onnx import TensorProto, helper, numpy_helper
-
-from morphonnx.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "tiny_resnet.onnx"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def make_spec(capsys: pytest.CaptureFixture[str], model: Path, out: Path) -> dict[str, Any]:

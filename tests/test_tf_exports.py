@@ -17,20 +17,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from cli_runner import run
 from onnx import TensorProto, helper, numpy_helper
-
-from morphonnx.cli import main
+from onnx_builders import Builder
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def analyze_json(capsys: pytest.CaptureFixture[str], model: Path, tmp: Path) -> dict[str, Any]:
@@ -346,27 +337,13 @@ def test_verify_catches_a_wrong_prune_on_small_activations(tmp_path: Path) -> No
     from morphonnx.prune import prune_model
     from morphonnx.verify import verify
 
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(
-            (1e-9 * rng.standard_normal((8, 3, 3, 3))).astype(np.float32), "w1"
-        ),
-        numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "small",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
-        inits,
+    b = Builder(17)
+    w1 = b.init(
+        "w1", (1e-9 * np.random.default_rng(0).standard_normal((8, 3, 3, 3))).astype(np.float32)
     )
-    path = tmp_path / "small.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    r1 = b.relu(b.node("Conv", [b.input("x", [1, 3, 8, 8]), w1], pads=[1, 1, 1, 1]))
+    b.node("Conv", [r1, b.init("w2", [4, 8, 1, 1])], b.output("y"))
+    path = b.save(tmp_path, "small.onnx")
     keep = {"g0": [True, False] * 4}
     a = analyze(path)
     assert [(g.id, g.channels, g.prunable) for g in a.solution.groups][:1] == [("g0", 8, True)]

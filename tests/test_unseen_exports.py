@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -65,6 +66,19 @@ def groups_of(a: Analysis, weight: str, axis: int) -> list[bool]:
     ]
 
 
+def every_other_mask(report: dict[str, Any], path: Path) -> None:
+    """A mask for ``report`` (a spec or analyze JSON) keeping every other channel of each
+    prunable group."""
+    groups = {
+        g["id"]: [i % 2 == 0 for i in range(g["channels"])]
+        for g in report["groups"]
+        if g["prunable"]
+    }
+    mask = {"format": "morphonnx.mask", "version": 1, "groups": groups}
+    mask["model_fingerprint"] = report["model"]["fingerprint"]
+    path.write_text(json.dumps(mask))
+
+
 # --- 1. shapes computed at run time are evaluated, and what stays unknown is said ----------------
 
 
@@ -102,17 +116,7 @@ def test_dynamic_same_padding_prunes_at_given_shape(
     assert main(["spec", str(path), "--input-shape", "x=1,3,16,12", "-o", str(spec)]) == 0
     groups = json.loads(spec.read_text())
     assert groups["totals"]["complete"] is True
-    mask = {
-        "format": "morphonnx.mask",
-        "version": 1,
-        "model_fingerprint": groups["model"]["fingerprint"],
-        "groups": {
-            g["id"]: [i % 2 == 0 for i in range(g["channels"])]
-            for g in groups["groups"]
-            if g["prunable"]
-        },
-    }
-    (tmp_path / "mask.json").write_text(json.dumps(mask))
+    every_other_mask(groups, tmp_path / "mask.json")
     out = tmp_path / "pruned.onnx"
     argv = ["prune", str(path), "--input-shape", "x=1,3,16,12", "--mask"]
     assert main([*argv, str(tmp_path / "mask.json"), "-o", str(out)]) == 0
@@ -383,17 +387,7 @@ def test_keras_tensordot_export_is_complete_and_prunes(
     assert doc["totals"]["complete"] is True and doc["totals"]["macs"] == macs
     groups = sorted((g["channels"], g["prunable"]) for g in doc["groups"])
     assert groups == [(3, False), (4, False), (6, True), (8, True), (12, True)]
-    mask = {
-        "format": "morphonnx.mask",
-        "version": 1,
-        "model_fingerprint": doc["model"]["fingerprint"],
-        "groups": {
-            g["id"]: [i % 2 == 0 for i in range(g["channels"])]
-            for g in doc["groups"]
-            if g["prunable"]
-        },
-    }
-    (tmp_path / "mask.json").write_text(json.dumps(mask))
+    every_other_mask(doc, tmp_path / "mask.json")
     out = tmp_path / "pruned.onnx"
     argv = ["prune", str(KERAS_TENSORDOT), "--input-shape", shape]
     assert main([*argv, "--mask", str(tmp_path / "mask.json"), "-o", str(out)]) == 0

@@ -20,11 +20,11 @@ torch = pytest.importorskip("torch")
 
 from group_patterns import prune_verified  # noqa: E402
 from torch_models import torch_macs_params  # noqa: E402
+from zoo_models import extra_matmul_macs  # noqa: E402
 from zoo_outside import (  # noqa: E402
     KERAS_INPUT,
     KERAS_OUTSIDE,
     TORCH_OUTSIDE,
-    attention_macs,
     build_keras,
     build_torch,
     example_torch,
@@ -81,7 +81,7 @@ def exported(name: str, folder: Path) -> tuple[Path, int]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export_onnx(model, x, path)
-            macs = torch_macs_params(model, x)[0] + attention_macs(model, x)
+            macs = torch_macs_params(model, x)[0] + extra_matmul_macs(model, x)
         else:
             tf = pytest.importorskip("tensorflow")
             tf2onnx = pytest.importorskip("tf2onnx")

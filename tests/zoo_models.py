@@ -774,15 +774,16 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 
 
 def extra_matmul_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """MACs of MatMuls between activations (attention), which no Linear/Conv hook sees."""
+    """MACs of MatMuls between activations (attention), which no Linear/Conv hook sees: every
+    module that can count them has a ``matmul_macs(input)`` method."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
         nonlocal total
-        assert isinstance(module, Attention)
-        total += module.matmul_macs(inputs[0])
+        total += module.matmul_macs(inputs[0])  # type: ignore[operator]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Attention)]
+    counting = [m for m in model.modules() if hasattr(m, "matmul_macs")]
+    handles = [m.register_forward_hook(hook) for m in counting]
     try:
         with torch.no_grad():
             model(x)

@@ -440,25 +440,6 @@ def example_torch(name: str, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, *TORCH_OUTSIDE[name][1], generator=g)
 
 
-def attention_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """MACs of the MatMuls between activations (q·kᵀ, ·v), which no Linear/Conv hook sees."""
-    total = 0
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
-        nonlocal total
-        assert isinstance(module, MHA)
-        total += module.matmul_macs(inputs[0])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MHA)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
 # --------------------------------------------------------------------------- Keras applications
 
 KERAS_INPUT = (32, 32, 3)
