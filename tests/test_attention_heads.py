@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_runner import run
 from group_patterns import attention, prune_verified
 from onnx import numpy_helper
 from onnx_builders import group_of, member
-from test_cli import run
 
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.api import make_mask, make_spec, prune_file
