@@ -1,11 +1,14 @@
-"""Whole attention heads in torch exports: a timm-style attention (fused qkv reshaped 5-D,
-unbind), ``nn.MultiheadAttention`` (scaled_dot_product_attention, and the explicit path when
-the weights are asked for) and the zoo's ViT with separate q, k, v. Heads found with no hint,
-pruned by random sets of heads and verified in onnxruntime, MACs of each pruned model equal to
-a hand count."""
+"""Whole attention heads in torch exports: timm's ViT/DeiT attention (fused qkv reshaped 5-D,
+unbind; written out or through scaled_dot_product_attention), Hugging Face BERT's (separate
+q, k, v, ``view`` targets from sizes, an additive mask input), ``nn.MultiheadAttention``
+(scaled_dot_product_attention, and the explicit path when the weights are asked for) and the
+zoo's ViT with separate q, k, v; static and dynamic batch. Heads found with no hint, pruned by
+random sets of heads and verified in onnxruntime, MACs of each pruned model equal to a hand
+count."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +25,12 @@ nn = torch.nn
 
 
 class TimmAttention(nn.Module):
-    """timm's ViT attention: one qkv Linear, reshape [B, N, 3, H, D], permute, unbind."""
+    """timm's ViT / DeiT attention: one qkv Linear, reshape [B, N, 3, H, D], permute, unbind;
+    ``fused``: torch's scaled_dot_product_attention (timm's default), else written out."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, fused: bool = False) -> None:
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.fused = heads, head_dim, fused
         self.qkv = nn.Linear(dim, 3 * heads * head_dim)
         self.proj = nn.Linear(heads * head_dim, dim)
 
@@ -34,23 +38,47 @@ class TimmAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        att = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, n, -1))
+        if self.fused:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            y = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class BertAttention(nn.Module):
+    """Hugging Face BERT's self-attention: q, k, v Linears, ``view(size()[:-1] + (H, D))`` and
+    permute, scores divided by sqrt(D), plus the additive attention mask ``[B, 1, 1, N]``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.size()[:-1] + (self.heads, self.head_dim)).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
+        y = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).contiguous()
+        return self.o(y.view(y.size()[:-2] + (self.heads * self.head_dim,)))
 
 
 class Block(nn.Module):
     """Linear in, attention with a residual add, Linear out (E = heads·head_dim for torch's
-    MultiheadAttention)."""
+    MultiheadAttention); BERT's attention also reads the mask input."""
 
     def __init__(self, attn: nn.Module, need_weights: bool = False) -> None:
         super().__init__()
         self.inp, self.attn, self.out = nn.Linear(8, 12), attn, nn.Linear(12, 5)
         self.need_weights = need_weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = self.inp(x)
         if isinstance(self.attn, nn.MultiheadAttention):
             z = self.attn(y, y, y, need_weights=self.need_weights)[0]
+        elif mask is not None:
+            z = self.attn(y, mask)
         else:
             z = self.attn(y)
         return self.out(y + z)
@@ -60,6 +88,11 @@ OUT_PROJ = ("attn.out_proj.weight", 1)  # MultiheadAttention: a Gemm with transB
 TORCH_ATTENTION: dict[str, tuple[Callable[[], nn.Module], tuple[str, int]]] = {
     # the exporter's Transpose of a Linear weight is folded: the member is its output
     "timm": (lambda: Block(TimmAttention(12, 3, 4)), ("/attn/proj/Transpose_output_0", 0)),
+    "timm_sdpa": (
+        lambda: Block(TimmAttention(12, 3, 4, True)),
+        ("/attn/proj/Transpose_output_0", 0),
+    ),
+    "bert": (lambda: Block(BertAttention(12, 3)), ("/attn/o/Transpose_output_0", 0)),
     "mha_sdpa": (lambda: Block(nn.MultiheadAttention(12, 3, batch_first=True)), OUT_PROJ),
     "mha_weights": (
         lambda: Block(nn.MultiheadAttention(12, 3, batch_first=True), True),
@@ -79,9 +112,11 @@ def export(name: str, dynamic: bool, folder: Path) -> Path:
 
     model = build(name)
     path = folder / f"{name}.onnx"
+    x = torch.randn(1, 6, 8)
+    inputs = (x, torch.zeros(1, 1, 1, 6)) if name == "bert" else x
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_onnx(model, torch.randn(1, 6, 8), path, dynamic_batch=dynamic)
+        export_onnx(model, inputs, path, dynamic_batch=dynamic)
     return path
 
 
@@ -113,11 +148,12 @@ def test_torch_attention_whole_heads(name: str, dynamic: bool, tmp_path: Path) -
         assert b.totals.macs == linears + attention_macs(kept, 4, e=e, n=n)
 
 
-def test_torch_sdpa_scale_stops_head_dims(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["mha_sdpa", "timm_sdpa"])
+def test_torch_sdpa_scale_stops_head_dims(name: str, tmp_path: Path) -> None:
     """Per head dim, torch's scaled_dot_product_attention reads ``1/sqrt(head_dim)`` from q's
     shape: removing dims would change the scale, so the q·k dims stop with that reason (whole
     heads keep the head dim and prune, above)."""
-    path = export("mha_sdpa", False, tmp_path)
+    path = export(name, False, tmp_path)
     sol = analyze(path).solution
     stopped = [g for g in sol.groups if "used as data at node" in (g.reason or "")]
     assert stopped and all(g.channels == 4 and not g.prunable for g in stopped)
