@@ -18,7 +18,7 @@ from group_patterns import prune_verified
 from onnx_builders import group_of, member
 from test_attention_heads import attention_macs, dropping, head_blocks, saved
 
-from morphonnx.analysis import analyze
+from morphonnx.analysis import Analysis, analyze
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -146,6 +146,20 @@ def test_torch_attention_whole_heads(name: str, dynamic: bool, tmp_path: Path) -
         linears = n * 8 * e + n * e * 5
         b = analyze(saved(model, tmp_path / f"pruned{seed}.onnx"))
         assert b.totals.macs == linears + attention_macs(kept, 4, e=e, n=n)
+        assert attention_heads(b) == {kept}
+
+
+def attention_heads(a: Analysis) -> set[int]:
+    """The head count of every MatMul between two activations (q·kᵀ, ·v): the axis before
+    their matrices ([B, H, N, N], or torch's [B*H, N, N] at batch 1)."""
+    g = a.graph
+    found = set()
+    for node in g.nodes:
+        if node.op_type == "MatMul" and not any(g.is_const(t) for t in node.inputs):
+            shape = g.shape(node.outputs[0])
+            assert shape is not None
+            found.add(shape[-3])
+    return found
 
 
 @pytest.mark.parametrize("name", ["mha_sdpa", "timm_sdpa"])
