@@ -105,9 +105,13 @@ class Channels:
 
     @cached_property
     def live(self) -> set[str]:
-        """Tensors computed from the graph inputs (whose batch or spatial dims may vary)."""
+        """Tensors computed from the graph inputs (whose batch or spatial dims may vary); not
+        what is computed from their shapes alone (``Shape``, ``Size``: a shape vector's own
+        length is the rank, fixed, and torch's ``expand`` takes ``Shape`` of one)."""
         found = set(self.graph.inputs)
         for node in self.graph.nodes:
+            if node.standard and node.op_type in ("Shape", "Size"):
+                continue
             if any(t in found for t in node.inputs + node.implicit_inputs):
                 found.update(node.outputs)
         return found

@@ -64,6 +64,26 @@ class BertAttention(nn.Module):
         return self.o(y.view(y.size()[:-2] + (self.heads * self.head_dim,)))
 
 
+class GroupedQueryAttention(nn.Module):
+    """Llama-style grouped-query attention: ``kv_heads`` k and v heads, each repeated for
+    ``heads // kv_heads`` q heads (``expand`` + ``reshape``, as ``repeat_kv`` does)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q, self.o = nn.Linear(dim, heads * head_dim), nn.Linear(heads * head_dim, dim)
+        self.k, self.v = (nn.Linear(dim, kv_heads * head_dim) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        q = self.q(x).view(b, n, h, d).transpose(1, 2)
+        k, v = (p(x).view(b, n, kvh, d).transpose(1, 2) for p in (self.k, self.v))
+        k, v = (t[:, :, None].expand(b, kvh, h // kvh, n, d).reshape(b, h, n, d) for t in (k, v))
+        att = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, n, h * d))
+
+
 class Block(nn.Module):
     """Linear in, attention with a residual add, Linear out (E = heads·head_dim for torch's
     MultiheadAttention); BERT's attention also reads the mask input."""
@@ -160,6 +180,39 @@ def attention_heads(a: Analysis) -> set[int]:
             assert shape is not None
             found.add(shape[-3])
     return found
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_grouped_query_attention(dynamic: bool, tmp_path: Path) -> None:
+    """Four q heads over two k/v heads: each k/v head and its two q heads are one channel of
+    the heads group (pruned whole), and per head dim q·k and v dims prune as before; the
+    ``expand`` shape, computed at run time with the count as a constant, is rewritten."""
+    from morphonnx.adapters.torch import export_onnx
+
+    torch.manual_seed(0)
+    model = Block(GroupedQueryAttention(12, 4, 2, 3)).eval()
+    path = tmp_path / "gqa.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(1, 6, 8), path, dynamic_batch=dynamic)
+    proj = ("/attn/o/Transpose_output_0", 0)
+    g = group_of(analyze(path, attention="heads").solution, *proj)
+    assert g.prunable and g.channels == 2
+    assert member(g, *proj).positions == [list(range(6)), list(range(6, 12))]
+    assert member(g, "attn.k.bias", 0).positions == head_blocks(2, 3)
+    masks = dropping(*proj)
+    a = analyze(path, attention="heads")
+    for seed, pruned in enumerate(prune_verified(path, (0,), "heads", masks)):
+        kept = 2 * sum(masks(a, seed)[g.id])  # q heads
+        b = analyze(saved(pruned, tmp_path / "pruned.onnx"))
+        kv = 6 * 12 * 2 * kept // 2 * 3  # k and v projections: half as many heads
+        q_o = 6 * 12 * kept * 3 * 2  # q and output projections
+        attn = 2 * 6 * 6 * kept * 3
+        assert b.totals.macs == 6 * 8 * 12 + 6 * 12 * 5 + kv + q_o + attn
+        assert attention_heads(b) == {kept}
+    dims = analyze(path).solution
+    assert [g.channels for g in dims.groups if g.prunable] == [12, 3, 3]
+    prune_verified(path, seeds=(0,))
 
 
 @pytest.mark.parametrize("name", ["mha_sdpa", "timm_sdpa"])

@@ -15,6 +15,7 @@ the factor just above the head dim, each head with all of its dims.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -346,21 +347,33 @@ def _follows(ctx: RewriteContext) -> bool:
 
 
 def _computed_target(ctx: RewriteContext) -> None:
-    """A target computed at run time follows the pruned shapes where it reads them (``Shape`` of
-    the input), not where it holds a channel count as a constant (keras ``Tensordot``:
-    ``Concat(Gather(Shape(x)), [4C])``, paddle heads: ``[Shape(x)[0], C]``) or reads one from
-    another tensor (torch's ``E // num_heads`` from the query's width). Entries that come out
-    wrong at the pruned shapes and follow no batch or spatial dim get the pruned output's dim,
-    by a ``Mul`` (zeroing them) and an ``Add`` inserted before the Reshape."""
-    x, target, out = ctx.node.inputs[0], ctx.proto.input[1], ctx.node.outputs[0]
-    value = ctx.channels.value_at(target, ctx.new_shape)
-    dep = ctx.channels.shape_dependence(target)
+    """A Reshape target computed at run time that does not follow the pruned shapes by itself
+    (:func:`fix_run_time_shape`)."""
+    x = ctx.node.inputs[0]
+    allowzero = bool(ctx.node.attr("allowzero", 0))
+    fix_run_time_shape(ctx, lambda target: reshaped(ctx.shape(x), target, allowzero))
+
+
+def fix_run_time_shape(
+    ctx: RewriteContext, result: Callable[[np.ndarray], tuple[int, ...]]
+) -> None:
+    """A shape input (input 1: a Reshape target, an Expand shape) computed at run time follows
+    the pruned shapes where it reads them (``Shape`` of the input), not where it holds a
+    channel count as a constant (keras ``Tensordot``: ``Concat(Gather(Shape(x)), [4C])``,
+    paddle heads: ``[Shape(x)[0], C]``, ``expand(b, h, r, n, d)``) or reads one from another
+    tensor (torch's ``E // num_heads`` from the query's width). Entries that come out wrong at
+    the pruned shapes (``result`` of the value: the output shape it gives) and follow no batch
+    or spatial dim get the pruned output's dim, by a ``Mul`` (zeroing them) and an ``Add``
+    inserted before the node."""
+    shape, out = ctx.proto.input[1], ctx.node.outputs[0]
+    value = ctx.channels.value_at(shape, ctx.new_shape)
+    dep = ctx.channels.shape_dependence(shape)
     if value is None or dep is None or value.dtype.kind not in "iu":
         return  # not evaluable: analyze's dry run reports the group
     value = value.reshape(-1).astype(np.int64)
     exact, others = dep[0].reshape(-1), dep[1].reshape(-1)
     want = ctx.shape(out)
-    got = reshaped(ctx.shape(x), value, bool(ctx.node.attr("allowzero", 0)))
+    got = result(value)
     if got == want or len(value) != len(want):
         return
     wrong = np.array(
@@ -370,11 +383,11 @@ def _computed_target(ctx: RewriteContext) -> None:
         ]
     )
     if wrong.any():
-        name = f"{ctx.node.name}__pruned_target"
+        name = f"{ctx.node.name}__pruned_shape"
         keep = numpy_helper.from_array((~wrong).astype(np.int64), f"{name}_keep")
         fixed = numpy_helper.from_array(np.where(wrong, want, 0).astype(np.int64), f"{name}_dims")
         ctx.model.graph.initializer.extend([keep, fixed])
-        ctx.insert(helper.make_node("Mul", [target, keep.name], [f"{name}_kept"], f"{name}_mul"))
+        ctx.insert(helper.make_node("Mul", [shape, keep.name], [f"{name}_kept"], f"{name}_mul"))
         ctx.insert(helper.make_node("Add", [f"{name}_kept", fixed.name], [name], f"{name}_add"))
         ctx.proto.input[1] = name
 
@@ -388,6 +401,14 @@ def reshaped(shape: tuple[int, ...], target: np.ndarray, allowzero: bool) -> tup
     return tuple(dims)
 
 
+def broadcast(shape: tuple[int, ...], target: np.ndarray) -> tuple[int, ...]:
+    """The output shape of ``Expand(x of shape, target)``; -1 where they do not broadcast."""
+    rank = max(len(shape), len(target))
+    a = (1,) * (rank - len(shape)) + tuple(shape)
+    b = (1,) * (rank - len(target)) + tuple(int(d) for d in target)
+    return tuple(p if q == 1 else q if p in (1, q) else -1 for p, q in zip(a, b, strict=True))
+
+
 def resize_sizes(ctx: RewriteContext) -> None:
     out = ctx.node.outputs[0]
     if ctx.changed(out) and ctx.const_input(3) is not None:
@@ -397,7 +418,11 @@ def resize_sizes(ctx: RewriteContext) -> None:
 def expand_shape(ctx: RewriteContext) -> None:
     out = ctx.node.outputs[0]
     value = ctx.const_input(1)
-    if not ctx.changed(out) or value is None:
+    if not ctx.changed(out):
+        return
+    if value is None:
+        x = ctx.node.inputs[0]
+        fix_run_time_shape(ctx, lambda shape: broadcast(ctx.shape(x), shape))
         return
     target = value.astype(np.int64).copy()
     old, new = ctx.old_shape(out), ctx.shape(out)
