@@ -185,6 +185,8 @@ def test_spec_mask_prune_keep_the_grouping(
     gid = group_of(analyze(path, attention="heads").solution, "proj.weight", 0).id
     assert doc["attention"] == "heads" and doc["groups"] == {gid: [True, False, True]}
 
+    rc, stdout, _ = run(capsys, "analyze", trained, "--attention", "heads")
+    assert rc == 0 and "prunable channels; attention by whole heads)" in stdout
     rc, _, err = run(capsys, "prune", trained, "--mask", mask, "--attention", "dims", "-o", out)
     assert rc != 0 and "mask.json: made with attention 'heads', not 'dims'" in err
     assert not out.exists()
