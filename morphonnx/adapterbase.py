@@ -161,7 +161,7 @@ class RegularizerBase:
         from morphonnx.formats import write_json
 
         result = self.mask(threshold, round_to)
-        write_json(path, result.document(self.fingerprint, self.kind))
+        write_json(path, result.document(self.fingerprint, self.kind, self.binding.attention))
         return result
 
     def _cuts(self, keep: Any, strict: bool) -> tuple[dict[str, list[bool]], Slices]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from morphonnx.costs import OpCost, Totals, op_costs, totals
 from morphonnx.devices import Device
-from morphonnx.formats import fingerprint
+from morphonnx.formats import Attention, check_attention, fingerprint
 from morphonnx.graph import Graph, Shape
 from morphonnx.groups import Solution, solve
 from morphonnx.load import load_graph
@@ -30,6 +30,7 @@ class Analysis:
     totals: Totals
     devices: list[Device]
     fingerprint: str
+    attention: Attention = "dims"  # how attention heads were grouped (``formats.Attention``)
 
     def shrunk_shapes(self, mask: Mapping[str, Sequence[bool]]) -> ShapeOf:
         """Tensor shapes once the dead channels of ``mask`` are removed (for cost prediction)."""
@@ -97,9 +98,10 @@ def analyze(
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     devices: Sequence[Device] = (),
+    attention: Attention = "dims",
 ) -> Analysis:
     graph = load_graph(path, batch=batch, input_shapes=input_shapes)
-    solution = solve(graph)
+    solution = solve(graph, check_attention(attention))
     costs = op_costs(graph)
     return Analysis(
         graph=graph,
@@ -108,6 +110,7 @@ def analyze(
         totals=totals(graph, costs, devices),
         devices=list(devices),
         fingerprint=fingerprint(graph.model),
+        attention=attention,
     )
 
 

@@ -17,7 +17,15 @@ from morphonnx.analysis import Analysis, analyze
 from morphonnx.costs import Totals
 from morphonnx.devices import DEFAULT_DEVICES, Device, resolve_devices
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import write_json
+from morphonnx.formats import (
+    MASK_FORMAT,
+    Attention,
+    check_attention,
+    file_attention,
+    recorded_attention,
+    same_attention,
+    write_json,
+)
 from morphonnx.mask import MaskResult, auto_threshold, check_mask, group_values, load_mask
 from morphonnx.mask import make_mask as threshold_mask
 from morphonnx.prune import check_pruned, prune_model, save_model
@@ -36,15 +44,17 @@ def analyze_file(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     devices: Sequence[Device | str] = DEFAULT_DEVICES,
     check_rewrites: bool = True,
+    attention: Attention = "dims",
 ) -> Analysis:
     """Load, solve and cost a model; ``devices`` are :class:`Device` objects, built-in names or
     ``.json`` / ``.toml`` profile paths. ``check_rewrites``: dry-run the rewrite of every group
     found prunable (``selfcheck``) and report those that fail unprunable, so that a group
-    called prunable prunes."""
+    called prunable prunes. ``attention``: ``"dims"`` groups attention per head dim (the same
+    dims in every head), ``"heads"`` by whole heads; specs and masks record it."""
     from morphonnx.selfcheck import self_check
 
     resolved = resolve_devices(devices)
-    a = analyze(path, batch=batch, input_shapes=input_shapes, devices=resolved)
+    a = analyze(path, batch=batch, input_shapes=input_shapes, devices=resolved, attention=attention)
     if check_rewrites:
         self_check(a)
     return a
@@ -69,13 +79,15 @@ def make_mask(
     """Alive/dead channels of every prunable group from the model's trained weights: a channel
     lives when its regularization value exceeds ``threshold``; without one, the threshold is
     picked in the widest gap of the values (the result's ``note`` says where). ``round_to=K``:
-    alive counts to multiples of K, keeping the strongest channels (``morphonnx.mask``)."""
+    alive counts to multiples of K, keeping the strongest channels (``morphonnx.mask``). The
+    spec must have been made with ``a``'s attention grouping."""
     if isinstance(spec, Mapping):
         doc = dict(spec)
         origin = "spec"
     else:
         doc = read_spec(spec, a.fingerprint)
         origin = str(spec)
+    same_attention(recorded_attention(doc, origin), a.attention, origin)
     values = group_values(a, doc, kind, l1_fraction, origin)
     if not values:
         raise MorphonnxError(f"{origin}: no prunable group has a regularization source")
@@ -136,6 +148,7 @@ def prune_file(
     fold_constants: bool = False,
     kind: str | None = None,
     calibration: PathLike | None = None,
+    attention: Attention | None = None,
 ) -> PruneReport:
     """Prune ``model_path`` with ``mask`` (a mask file or ``{group: [alive, ...]}``) and write
     ``output`` (and ``structure``, the kept channels per layer). The written file is checked by
@@ -146,9 +159,17 @@ def prune_file(
     (:mod:`morphonnx.foldconst`); the reference is then the original with only the dead channels'
     regularized parameters zeroed (``kind``: the mask's regularizer, default the mask file's
     ``kind`` or ``gamma``). ``calibration``: an ``.npz`` of inputs on which the deviation from
-    the original is measured (random inputs are always used with the fold)."""
+    the original is measured (random inputs are always used with the fold). ``attention``: the
+    grouping of the mask's groups, by default the mask file's (``"dims"`` for a dict); one that
+    differs from the file's is refused."""
     shapes = dict(input_shapes or {})
-    a = analyze_file(model_path, batch=batch, input_shapes=shapes, devices=devices)
+    if isinstance(mask, Mapping):
+        grouping = check_attention(attention or "dims")
+    else:
+        grouping = same_attention(file_attention(mask, MASK_FORMAT), attention, mask)
+    a = analyze_file(
+        model_path, batch=batch, input_shapes=shapes, devices=devices, attention=grouping
+    )
     if isinstance(mask, Mapping):
         keep = {gid: list(alive) for gid, alive in mask.items()}
         check_mask(a, "mask", a.fingerprint, keep)

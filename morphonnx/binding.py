@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from morphonnx.devices import Device, resolve_device
-from morphonnx.formats import read_mask
+from morphonnx.formats import MASK_FORMAT, file_attention, read_mask, recorded_attention
 from morphonnx.regularize import (
     COSTS,
     KINDS,
@@ -155,6 +155,7 @@ class Binding:
 
     def __post_init__(self) -> None:
         self.fingerprint: str = self.spec["model"].get("fingerprint", "")
+        self.attention = recorded_attention(self.spec, self.where)
         self.groups = select_groups(self.spec, self.options.exclude)
         members = {m["tensor"] for g in self.spec["groups"] for m in g["members"]}
         self.unmapped = sorted(members - set(self.params))
@@ -316,6 +317,12 @@ class Binding:
             fp, groups = read_mask(keep)
             if self.fingerprint and fp != self.fingerprint:
                 raise ValueError(f"{os.fspath(keep)}: mask was made for another model")
+            made = file_attention(keep, MASK_FORMAT)
+            if made != self.attention:
+                raise ValueError(
+                    f"{os.fspath(keep)}: mask groups attention by '{made}', the spec by "
+                    f"'{self.attention}'"
+                )
             return groups
         return {k: list(v) for k, v in keep.items()}
 

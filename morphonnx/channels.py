@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 
 from morphonnx.errors import MorphonnxError
+from morphonnx.formats import Attention
 from morphonnx.graph import Graph
 from morphonnx.ir import Node, Shape
 from morphonnx.shapevalue import SHAPE_VALUE_LIMIT, ShapeValues
@@ -67,6 +68,7 @@ class Channels:
     stops: list[tuple[np.ndarray, str]] = field(default_factory=list)
     zero_memo: dict[str, bool] = field(default_factory=dict)  # ops.linear.zero_when_dead
     targets: dict[str, np.ndarray] = field(default_factory=dict)  # ops.layout.constant_target
+    attention: Attention = "dims"  # how a split that feeds attention is grouped (ops.layout)
 
     def slot_for(self, tensor: str, axis: int, *, const: bool, role: Role = "") -> Slot:
         key = (tensor, axis)
@@ -103,9 +105,13 @@ class Channels:
 
     @cached_property
     def live(self) -> set[str]:
-        """Tensors computed from the graph inputs (whose batch or spatial dims may vary)."""
+        """Tensors computed from the graph inputs (whose batch or spatial dims may vary); not
+        what is computed from their shapes alone (``Shape``, ``Size``: a shape vector's own
+        length is the rank, fixed, and torch's ``expand`` takes ``Shape`` of one)."""
         found = set(self.graph.inputs)
         for node in self.graph.nodes:
+            if node.standard and node.op_type in ("Shape", "Size"):
+                continue
             if any(t in found for t in node.inputs + node.implicit_inputs):
                 found.update(node.outputs)
         return found

@@ -52,6 +52,18 @@ def _model_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
         )
 
 
+def _attention_arg(p: argparse.ArgumentParser, recorded_in: str = "") -> None:
+    from morphonnx.formats import ATTENTION
+
+    default = f"the one the {recorded_in} records" if recorded_in else "dims"
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        help="how attention heads are grouped: dims (per head dim, the same dims in every head) "
+        f"or heads (whole heads: a head's q, k, v dims and projection rows); default {default}",
+    )
+
+
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
@@ -89,6 +101,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="per-layer costs, roofline latency and channel groups")
     _model_args(p)
+    _attention_arg(p)
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.add_argument("--top", type=int, default=10, metavar="K", help="layers to list (default 10)")
     p.add_argument(
@@ -97,10 +110,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spec", help="write the group spec that training adapters consume")
     _model_args(p)
+    _attention_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="SPEC.json")
 
     p = sub.add_parser("mask", help="alive/dead channels from trained weights")
     _model_args(p)
+    _attention_arg(p, "spec")
     p.add_argument("--spec", required=True, metavar="SPEC.json")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--threshold", type=float, help="a channel lives when its value exceeds T")
@@ -118,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="remove dead channels; verify against the masked original")
     _model_args(p)
+    _attention_arg(p, "mask")
     p.add_argument("--mask", required=True, metavar="MASK.json")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
@@ -136,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("expand", help="widen the learned structure back to a cost budget")
     _model_args(p)
+    _attention_arg(p, "mask")
     p.add_argument("--mask", required=True, metavar="MASK.json")
     p.add_argument("--target", required=True, choices=["flops", "size", "latency"])
     p.add_argument(
@@ -174,14 +191,18 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _analysis(args: argparse.Namespace) -> Any:
+def _analysis(args: argparse.Namespace, attention: str | None = None) -> Any:
+    """The model analysed with the command's options; ``attention``: the grouping a spec or mask
+    file records (else ``--attention``, else per head dim)."""
     from morphonnx.api import analyze_file
+    from morphonnx.formats import check_attention
 
     a = analyze_file(
         args.model,
         batch=args.batch,
         input_shapes=dict(args.input_shape),
         devices=args.device or DEFAULT_DEVICES,
+        attention=check_attention(attention or getattr(args, "attention", None) or "dims"),
     )
     _notes(args, a)
     return a
@@ -270,7 +291,13 @@ def cmd_spec(args: argparse.Namespace, console: Any) -> None:
 
 def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.api import make_mask
-    from morphonnx.formats import write_bytes, write_json
+    from morphonnx.formats import (
+        SPEC_FORMAT,
+        file_attention,
+        same_attention,
+        write_bytes,
+        write_json,
+    )
     from morphonnx.report import plot_values, print_mask
 
     if args.threshold is not None and not math.isfinite(args.threshold):
@@ -278,7 +305,8 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     if not 0.0 <= args.l1_fraction <= 1.0:
         raise MorphonnxError(f"--l1-fraction must be between 0 and 1, got {args.l1_fraction}")
     _check_outputs(args, args.output, args.plot)
-    a = _analysis(args)
+    recorded = file_attention(args.spec, SPEC_FORMAT)
+    a = _analysis(args, same_attention(recorded, args.attention, args.spec))
     result = make_mask(
         a,
         args.spec,
@@ -298,7 +326,7 @@ def cmd_mask(args: argparse.Namespace, console: Any) -> None:
     _, predicted = a.predict(result.keep)
     print_mask(console, a, result.keep, predicted, result.rescued)
     image = plot_values(result.values, result.threshold, args.plot) if args.plot else None
-    write_json(args.output, result.document(a.fingerprint, args.kind))
+    write_json(args.output, result.document(a.fingerprint, args.kind, a.attention))
     console.print(f"wrote {args.output}")
     if image is not None:  # last: a mask that fails leaves no plot behind
         write_bytes(args.plot, image)
@@ -326,6 +354,7 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
             devices=args.device or DEFAULT_DEVICES,
             fold_constants=args.fold_constants,
             calibration=args.calibration_data,
+            attention=args.attention,
         )
     except VerificationFailed as failed:
         print_verification(console, failed.verification)
@@ -353,13 +382,14 @@ def cmd_prune(args: argparse.Namespace, console: Any) -> None:
 
 def cmd_expand(args: argparse.Namespace, console: Any) -> None:
     from morphonnx.expand import expand, expand_model
-    from morphonnx.formats import write_json
+    from morphonnx.formats import MASK_FORMAT, file_attention, same_attention, write_json
     from morphonnx.mask import load_mask
     from morphonnx.prune import check_pruned, save_model
     from morphonnx.report import totals_table
 
     _check_outputs(args, args.output, args.onnx)
-    a = _analysis(args)
+    recorded = file_attention(args.mask, MASK_FORMAT)
+    a = _analysis(args, same_attention(recorded, args.attention, args.mask))
     keep = load_mask(a, args.mask)
     device = a.devices[0] if args.target == "latency" else None
     e = expand(a, keep, args.target, device, args.budget, args.round_to)

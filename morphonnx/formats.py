@@ -14,7 +14,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import onnx
 import onnx.numpy_helper
@@ -24,6 +24,42 @@ from morphonnx.errors import MorphonnxError
 SPEC_FORMAT = "morphonnx.spec"
 MASK_FORMAT = "morphonnx.mask"
 VERSION = 1
+
+Attention = Literal["dims", "heads"]
+"""How attention heads are grouped (``--attention``): ``dims``, per head dim (the same dims in
+every head; the default), or ``heads``, whole heads. Specs and masks record it."""
+ATTENTION: tuple[Attention, ...] = get_args(Attention)
+
+
+def check_attention(value: object, where: str = "attention") -> Attention:
+    """``value`` as an :data:`Attention` grouping; anything else is refused, naming ``where``."""
+    for known in ATTENTION:
+        if value == known:
+            return known
+    raise MorphonnxError(f"{where}: {value!r} is not an attention grouping (dims or heads)")
+
+
+def recorded_attention(doc: dict[str, Any], path: str | os.PathLike[str]) -> Attention:
+    """The grouping a spec or mask was made with (``dims`` for files without the field)."""
+    return check_attention(doc.get("attention", "dims"), f"{os.fspath(path)}: 'attention'")
+
+
+def file_attention(path: str | os.PathLike[str], expected_format: str) -> Attention:
+    """The attention grouping a spec or mask file was made with."""
+    return recorded_attention(read_json(path, expected_format), path)
+
+
+def same_attention(
+    recorded: Attention, wanted: str | None, path: str | os.PathLike[str]
+) -> Attention:
+    """The grouping a spec or mask file was made with, which its user must analyse with: an
+    explicit ``wanted`` (``--attention``) that differs is refused (the groups would differ)."""
+    if wanted is not None and check_attention(wanted) != recorded:
+        raise MorphonnxError(
+            f"{os.fspath(path)}: made with attention '{recorded}', not '{wanted}' (its groups "
+            f"are those of --attention {recorded})"
+        )
+    return recorded
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
@@ -177,7 +213,8 @@ def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, A
 
 
 def read_mask(path: str | os.PathLike[str]) -> tuple[str, dict[str, list[bool]]]:
-    """A mask file's fingerprint and groups, with the shape of each entry checked."""
+    """A mask file's fingerprint and groups, with the shape of each entry checked (its
+    attention grouping: :func:`file_attention`)."""
     data = read_json(path, MASK_FORMAT)
     fp, groups = data.get("model_fingerprint"), data.get("groups")
     if not isinstance(fp, str) or not isinstance(groups, dict):
@@ -185,14 +222,18 @@ def read_mask(path: str | os.PathLike[str]) -> tuple[str, dict[str, list[bool]]]
     for gid, keep in groups.items():
         if not isinstance(keep, list) or not all(isinstance(k, bool) for k in keep):
             raise MorphonnxError(f"{path}: group '{gid}' must be a list of true/false")
+    recorded_attention(data, path)
     return fp, groups
 
 
-def mask_document(fp: str, groups: dict[str, list[bool]], **extra: Any) -> dict[str, Any]:
+def mask_document(
+    fp: str, groups: dict[str, list[bool]], attention: Attention = "dims", **extra: Any
+) -> dict[str, Any]:
     return {
         "format": MASK_FORMAT,
         "version": VERSION,
         "model_fingerprint": fp,
+        "attention": attention,
         "groups": groups,
         **extra,
     }

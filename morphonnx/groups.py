@@ -14,15 +14,16 @@ from functools import cached_property
 import numpy as np
 
 from morphonnx.channels import Channels, Role, RuleContext, Slot
+from morphonnx.formats import Attention
 from morphonnx.graph import Graph
 from morphonnx.ops import op_kind
 from morphonnx.unverifiable import stop_unverifiable
 
 
-def build_channels(graph: Graph) -> Channels:
+def build_channels(graph: Graph, attention: Attention = "dims") -> Channels:
     """Run every node's channel rule in topological order and stop what touches graph inputs and
     outputs."""
-    ch = Channels(graph)
+    ch = Channels(graph, attention=attention)
     for name in graph.inputs:
         ch.why[name] = f"graph input `{name}`"
     for node in graph.nodes:
@@ -147,9 +148,10 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             parent = nxt
 
 
-def solve(graph: Graph) -> Solution:
-    """Channel groups of ``graph``, in a deterministic order (ids ``g0``, ``g1``, ...)."""
-    ch = build_channels(graph)
+def solve(graph: Graph, attention: Attention = "dims") -> Solution:
+    """Channel groups of ``graph``, in a deterministic order (ids ``g0``, ``g1``, ...), with
+    attention heads grouped as ``attention`` says."""
+    ch = build_channels(graph, attention)
     n = ch.n_vars
     a = np.concatenate(ch.ties_a) if ch.ties_a else np.zeros(0, dtype=np.int64)
     b = np.concatenate(ch.ties_b) if ch.ties_b else np.zeros(0, dtype=np.int64)

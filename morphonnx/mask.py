@@ -20,7 +20,14 @@ import numpy as np
 
 from morphonnx.analysis import Analysis
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import MASK_FORMAT, VERSION, read_mask
+from morphonnx.formats import (
+    MASK_FORMAT,
+    Attention,
+    file_attention,
+    mask_document,
+    read_mask,
+    same_attention,
+)
 from morphonnx.regularize import NUMPY, group_vector
 
 
@@ -32,16 +39,11 @@ class MaskResult:
     rescued: list[str] = field(default_factory=list)
     note: str = ""
 
-    def document(self, fp: str, kind: str) -> dict[str, Any]:
-        return {
-            "format": MASK_FORMAT,
-            "version": VERSION,
-            "model_fingerprint": fp,
-            "groups": self.keep,
-            "threshold": self.threshold,
-            "kind": kind,
-            "rescued": self.rescued,
-        }
+    def document(self, fp: str, kind: str, attention: Attention = "dims") -> dict[str, Any]:
+        """The mask file: for the model of fingerprint ``fp``, grouped as ``attention``."""
+        return mask_document(
+            fp, self.keep, attention, threshold=self.threshold, kind=kind, rescued=self.rescued
+        )
 
 
 def group_values(
@@ -150,12 +152,21 @@ def make_mask(
     return MaskResult(threshold, keep, values, rescued)
 
 
-def check_mask(a: Analysis, path: str, fp: str, groups: dict[str, list[bool]]) -> None:
-    """Refuse a mask that does not fit this model, naming the first problem."""
+def check_mask(
+    a: Analysis,
+    path: str,
+    fp: str,
+    groups: dict[str, list[bool]],
+    attention: Attention | None = None,
+) -> None:
+    """Refuse a mask that does not fit this model (or, with ``attention``, the grouping it was
+    made with differs from the analysis's), naming the first problem."""
     if fp != a.fingerprint:
         raise MorphonnxError(
             f"{path}: mask was made for another model (fingerprint {fp} != {a.fingerprint})"
         )
+    if attention is not None:
+        same_attention(attention, a.attention, path)
     known = {g.id: g for g in a.solution.groups}
     for gid, keep in groups.items():
         g = known.get(gid)
@@ -172,6 +183,7 @@ def check_mask(a: Analysis, path: str, fp: str, groups: dict[str, list[bool]]) -
 
 
 def load_mask(a: Analysis, path: str) -> dict[str, list[bool]]:
+    """A mask file's groups, refused unless made for this model and its attention grouping."""
     fp, groups = read_mask(path)
-    check_mask(a, path, fp, groups)
+    check_mask(a, path, fp, groups, file_attention(path, MASK_FORMAT))
     return groups

@@ -103,9 +103,10 @@ def top_table(costs: Sequence[OpCost], devices: Sequence[Device], k: int) -> Tab
 def groups_table(a: Analysis) -> Table:
     groups = a.solution.groups
     prunable = [g for g in groups if g.prunable]
+    heads = "; whole attention heads" if a.attention == "heads" else ""
     t = Table(
         title=f"Channel groups: {len(groups)} ({len(prunable)} prunable, "
-        f"{sum(g.channels for g in prunable):,} prunable channels)"
+        f"{sum(g.channels for g in prunable):,} prunable channels{heads})"
     )
     for col in ("id", "channels", "producers", "prunable / reason"):
         t.add_column(col, justify="right" if col == "channels" else "left")

@@ -17,7 +17,7 @@ from morphonnx.analysis import Analysis
 from morphonnx.channels import Slot
 from morphonnx.costs import node_macs
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import SPEC_FORMAT, VERSION, read_json
+from morphonnx.formats import SPEC_FORMAT, VERSION, read_json, recorded_attention
 from morphonnx.ir import Node
 from morphonnx.ops import Layer, op_kind
 
@@ -133,6 +133,7 @@ def build_spec(a: Analysis) -> dict[str, Any]:
     return {
         "format": SPEC_FORMAT,
         "version": VERSION,
+        "attention": a.attention,
         "model": {
             "fingerprint": a.fingerprint,
             "path": str(a.graph.path),
@@ -155,6 +156,7 @@ def read_spec(path: str | os.PathLike[str], fp: str | None = None) -> dict[str, 
     spec = read_json(path, SPEC_FORMAT)
     if not isinstance(spec.get("groups"), list) or not isinstance(spec.get("model"), dict):
         raise MorphonnxError(f"{path}: spec needs 'model' and 'groups'")
+    recorded_attention(spec, path)
     if fp is not None and spec["model"].get("fingerprint") != fp:
         raise MorphonnxError(
             f"{path}: spec was made for another model (fingerprint "

@@ -6,14 +6,16 @@ all, and each provably depends on the channels removed, so the channels are stop
 
 - a tensor computed at run time from constants only (``ReduceSum(gamma)``, ``Shape(weight)``):
   zeroing or slicing a member constant changes it the same way in both models;
-- a graph output computed from ``Shape`` / ``Size`` of a tensor whose width it provably
-  depends on: shape computations legitimately change inside a pruned model (Reshape targets
-  follow the new widths) and are not compared, but a graph output is what the user gets.
+- a graph output, or a floating-point value computed on an activation (the attention scale
+  ``1/sqrt(head_dim)`` read from q's shape), computed from ``Shape`` / ``Size`` of a tensor
+  whose width it provably depends on: shape computations legitimately change inside a pruned
+  model (Reshape targets follow the new widths) and are not compared, but such values are
+  data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -53,14 +55,14 @@ def stop_unverifiable(ch: Channels) -> None:
                     f"graph output `{output}` is computed from `{t}` alone{by}, a value pruning "
                     "would change",
                 )
-    for output, shape_node in _shape_reads_of_outputs(graph.nodes, graph.outputs, graph.is_const):
+    for used, where, shape_node in _shape_reads_used_as_data(graph):
         x = shape_node.inputs[0]
         axis = ch.axis_of.get(x)
-        if axis is None or not _depends_on_width(ch, output, x, axis):
+        if axis is None or not _depends_on_width(ch, used, x, axis, used in graph.outputs):
             continue
         ch.stop(
             ch.by_key[(x, axis)].vars,
-            f"graph output `{output}` is computed from the width of `{x}` "
+            f"{where} is computed from the width of `{x}` "
             f"({shape_node.op_type} at node `{shape_node.name}`)",
         )
 
@@ -82,10 +84,11 @@ def _folded_sources(graph: Graph, name: str) -> list[str]:
     return found if graph.constants.get(name) is not None else []
 
 
-def _depends_on_width(ch: Channels, output: str, x: str, axis: int) -> bool:
+def _depends_on_width(ch: Channels, output: str, x: str, axis: int, reshaped: bool) -> bool:
     """Whether ``output``'s value provably changes with the size of ``x``'s channel axis (it is
-    evaluated with that size as it is and changed). Where it cannot be evaluated, verification
-    compares the output instead."""
+    evaluated with that size as it is and changed); unless ``reshaped``, only a change of
+    values, not of shape (zeros of ``x``'s shape shrink with it, and stay right). Where it
+    cannot be evaluated, verification compares the output instead."""
     g = ch.graph
 
     def wider(t: str) -> Shape | None:
@@ -101,27 +104,37 @@ def _depends_on_width(ch: Channels, output: str, x: str, axis: int) -> bool:
         return values.value(output)
 
     exact, moved = value(g.shape), value(wider)
-    return exact is not None and moved is not None and not np.array_equal(exact, moved)
+    if exact is None or moved is None or not reshaped and exact.shape != moved.shape:
+        return False
+    return not np.array_equal(exact, moved)
 
 
-def _shape_reads_of_outputs(
-    nodes: Sequence[Node], outputs: Sequence[str], is_const: Callable[[str], bool]
-) -> list[tuple[str, Node]]:
-    """(graph output, Shape/Size node) for every output computed from tensor shapes and
-    constants only, and each Shape/Size node it is computed from."""
+def _shape_reads_used_as_data(graph: Graph) -> list[tuple[str, str, Node]]:
+    """(tensor, where it is used, Shape/Size node) for every tensor computed from tensor shapes
+    and constants only that is used as data, not as a shape: a graph output, or a floating-point
+    value an op computes with on an activation (the ``1/sqrt(head_dim)`` torch's
+    scaled_dot_product_attention reads from q's shape); and each Shape/Size node it comes
+    from."""
     derived: dict[str, list[Node]] = {}  # tensor -> the Shape/Size nodes it comes from
-    for n in nodes:
+    found: dict[tuple[str, str], tuple[str, str, Node]] = {}
+    for n in graph.nodes:
         reads = [t for t in n.inputs + n.implicit_inputs if t]
         if n.standard and n.op_type in ("Shape", "Size"):
             sources = [n]
-        elif reads and all(t in derived or is_const(t) for t in reads):
+        elif reads and all(t in derived or graph.is_const(t) for t in reads):
             sources = [s for t in reads for s in derived.get(t, [])]
             if not sources:
                 continue
         else:
+            for t in reads:
+                dtype = graph.info(t).dtype if t in derived else None
+                if dtype is not None and dtype.kind == "f":
+                    where = f"`{t}`, used as data at node `{n.name}`,"
+                    found.update({(t, s.name): (t, where, s) for s in derived[t]})
             continue
         for o in n.outputs:
             if o:
                 derived[o] = sources
-    found = {(o, s.name): (o, s) for o in outputs for s in derived.get(o, [])}
+    for o in graph.outputs:
+        found.update({(o, s.name): (o, f"graph output `{o}`", s) for s in derived.get(o, [])})
     return list(found.values())

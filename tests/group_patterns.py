@@ -4,6 +4,7 @@ variants, and one helper that prunes any model with random masks and verifies it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnx
 from onnx_builders import Builder
 
 from morphonnx.analysis import Analysis, analyze
+from morphonnx.formats import Attention
 from morphonnx.prune import check_pruned, prune_model, save_model
 from morphonnx.verify import verify
 
@@ -27,20 +29,26 @@ def random_keep(a: Analysis, seed: int) -> dict[str, list[bool]]:
     return keep
 
 
-def prune_verified(path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> list[onnx.ModelProto]:
-    """Prune ``path`` with a random mask per seed; each result passes the checker, equals the
-    zeroed original tensor by tensor in onnxruntime, and costs what ``predict`` said."""
+def prune_verified(
+    path: Path,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    attention: Attention = "dims",
+    masks: Callable[[Analysis, int], dict[str, list[bool]]] = random_keep,
+) -> list[onnx.ModelProto]:
+    """Prune ``path`` with a mask per seed (``masks``, random by default), analysed with
+    ``attention``; each result passes the checker, equals the zeroed original tensor by tensor
+    in onnxruntime, and costs what ``predict`` said."""
     results = []
     for seed in seeds:
-        a = analyze(path)
-        keep = random_keep(a, seed)
+        a = analyze(path, attention=attention)
+        keep = masks(a, seed)
         assert keep, [(g.id, g.reason) for g in a.solution.groups]
         _, predicted = a.predict(keep)
         pruned = prune_model(a, keep)
         out = path.with_name(f"{path.stem}-pruned{seed}.onnx")
         save_model(pruned, out, path)
         check_pruned(out, str(out))
-        v = verify(analyze(path), keep, pruned)
+        v = verify(analyze(path, attention=attention), keep, pruned)
         assert v.ok and v.tensors > 0, v.failures[:5]
         b = analyze(out)
         assert (b.totals.macs, b.totals.params) == (predicted.macs, predicted.params)
@@ -127,11 +135,33 @@ def _heads(b: Builder, t: str, heads: int, dim: int, perm: list[int]) -> str:
     return b.node("Transpose", [t], perm=perm)
 
 
-def attention(opset: int, dynamic: bool, form: str, heads: int = 2, dim: int = 4) -> Builder:
+def rotary(b: Builder, q: str, n: int, dim: int) -> str:
+    """What modern attention does to q per head before q·kᵀ: a norm over the head dim
+    (qk-norm), rotary position embeddings (``q * cos + rotate_half(q) * sin``: halves sliced,
+    one negated, concatenated back), a scale multiplied from the left."""
+    q = b.node("LayerNormalization", [q, b.init("qn.w", [dim]), b.init("qn.b", [dim])], axis=-1)
+    half = [b.ints(f"h{i}", [v]) for i, v in enumerate((0, dim // 2, dim))]
+    axis = b.ints("last", [-1])
+    first, second = (b.node("Slice", [q, s, e, axis]) for s, e in zip(half, half[1:], strict=False))
+    rotated = b.node("Concat", [b.node("Neg", [second]), first], axis=-1)
+    q = b.node(
+        "Add",
+        [
+            b.node("Mul", [q, b.init("cos", [n, dim])]),
+            b.node("Mul", [rotated, b.init("sin", [n, dim])]),
+        ],
+    )
+    return b.node("Mul", [b.init("qscale", np.array(0.5, np.float32)), q])
+
+
+def attention(
+    opset: int, dynamic: bool, form: str, heads: int = 2, dim: int = 4, extras: bool = False
+) -> Builder:
     """A transformer attention layer on a residual stream ``x [B, N, E]``: q, k, v projections
     (``form``: ``separate``, ``split`` / ``slice`` (one qkv Linear, then Split or three Slices),
-    ``fused5d`` (one qkv Linear, Reshape [B, N, 3, H, D], Transpose, Gather)), heads, q·kᵀ
-    scaled, Softmax, ·v, heads merged back, output projection, residual Add."""
+    ``fused5d`` (one qkv Linear, Reshape [B, N, 3, H, D], Transpose, Gather)), heads (with
+    ``extras``, q through :func:`rotary`), q·kᵀ scaled, Softmax, ·v, heads merged back, output
+    projection, residual Add."""
     b = Builder(opset)
     e, n = 6, 5
     x = b.input("x", [batch_dim(dynamic), n, e])
@@ -168,6 +198,8 @@ def attention(opset: int, dynamic: bool, form: str, heads: int = 2, dim: int = 4
         q = _heads(b, parts[0], heads, dim, [0, 2, 1, 3])
         k = _heads(b, parts[1], heads, dim, [0, 2, 3, 1])
         v = _heads(b, parts[2], heads, dim, [0, 2, 1, 3])
+    if extras:
+        q = rotary(b, q, n, dim)
     s = b.node("MatMul", [q, k])
     s = b.node("Mul", [s, b.init("scale", np.array(dim**-0.5, np.float32))])
     s = b.node("Softmax", [s], axis=-1)

@@ -249,11 +249,12 @@ def data_dependent_pad_net(opset: int = 13) -> Builder:
     return b
 
 
-def computed_expand_net(opset: int = 13) -> Builder:
-    """conv -> Expand to ``Concat(Shape(y)[0:1], [C], Shape(y)[2:])``: a run-time shape that holds
-    the channel count as a constant, which no rewrite knows how to change. Pruning the conv's
-    channels would break the Expand, so the dry run must report the group unprunable; conv2's
-    group (4 channels) is fine."""
+def computed_shape_net(op: str, opset: int = 13) -> Builder:
+    """conv -> ``op`` (Expand, or Resize's sizes) to ``Concat(Shape(y)[0:1], [C], Shape(y)[2:])``:
+    a run-time shape that holds the channel count as a constant. The rewrite fixes an Expand's
+    (as a Reshape target's); a Resize's no rewrite knows how to change: pruning the conv's
+    channels would break it, so the dry run must report the group unprunable. conv2's group
+    (4 channels) is fine."""
     b = Builder(opset)
     x = b.input("x", [1, 3, 8, 8])
     y = b.relu(b.conv(x, 3, 6, 3, prefix="conv1"))
@@ -261,7 +262,8 @@ def computed_expand_net(opset: int = 13) -> Builder:
     batch = b.node("Slice", [shape, _ints(b, [0]), _ints(b, [1])])
     space = b.node("Slice", [shape, _ints(b, [2]), _ints(b, [4])])
     target = b.node("Concat", [batch, _ints(b, [6]), space], axis=0)
-    y = b.node("Expand", [y, target])
+    inputs = [y, target] if op == "Expand" else [y, "", "", target]
+    y = b.node(op, inputs, **({} if op == "Expand" else {"mode": "nearest"}))
     y = b.relu(b.conv(y, 6, 4, 1, prefix="conv2"))
     b.conv(y, 4, 2, 1, prefix="conv3")
     b.output("conv3.out")

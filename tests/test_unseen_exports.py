@@ -21,7 +21,7 @@ from independent_count import count_macs_params
 from onnx import helper, numpy_helper
 from onnx_builders import Builder
 from pattern_builders import (
-    computed_expand_net,
+    computed_shape_net,
     convnext_block,
     data_dependent_pad_net,
     int32_slice_net,
@@ -311,10 +311,10 @@ def test_slice_bounds_keep_their_dtype(
 
 
 def test_self_check_reports_a_group_whose_rewrite_fails(tmp_path: Path) -> None:
-    """An Expand to a run-time shape holding the channel count as a constant: no rewrite can
-    change it. Without the dry run the group is called prunable and prune fails; with it the
-    group is unprunable with the reason, and the other group stays prunable and prunes."""
-    path = computed_expand_net().save(tmp_path)
+    """A Resize to run-time sizes holding the channel count as a constant: no rewrite changes
+    them. Without the dry run the group is called prunable and prune fails; with it the group
+    is unprunable with the reason, and the other group stays prunable and prunes."""
+    path = computed_shape_net("Resize").save(tmp_path)
     unchecked = analyze(path, check_rewrites=False)
     assert groups_of(unchecked, "conv1.weight", 0) == [True]
     keep = {
@@ -324,15 +324,25 @@ def test_self_check_reports_a_group_whose_rewrite_fails(tmp_path: Path) -> None:
     save_model(pruned, tmp_path / "bad.onnx", path)
     check_pruned(tmp_path / "bad.onnx", "bad.onnx")
     v = verify(analyze(path, check_rewrites=False), keep, pruned)  # ... onnxruntime fails
-    assert not v.ok and "Expand" in v.failures[0]
+    assert not v.ok and "node `conv2`" in v.failures[0]  # fed the channels resized back to 6
 
     a = analyze(path)
     bad = next(g for g in a.solution.groups if any(m.tensor == "conv1.weight" for m in g.members))
     assert not bad.prunable
     assert "dry run of its rewrite fails" in (bad.reason or "")
-    assert "Expand" in (bad.reason or "")
+    assert "Resize" in (bad.reason or "")
     assert groups_of(a, "conv2.weight", 0) == [True]
     prune_random(path, a, tmp_path)
+
+
+def test_expand_to_a_run_time_shape_holding_the_channel_count(tmp_path: Path) -> None:
+    """The same shape in an Expand (torch's ``expand(b, h, r, n, d)``) is rewritten as a
+    Reshape target is: the constant count gets the pruned one, the batch still read at run
+    time. Both groups prune and verify."""
+    path = computed_shape_net("Expand").save(tmp_path)
+    a = analyze(path)
+    assert groups_of(a, "conv1.weight", 0) == [True] and groups_of(a, "conv2.weight", 0) == [True]
+    prune_random(path, a, tmp_path, seeds=(0, 1))
 
 
 def test_self_check_keeps_every_group_of_a_clean_model(tmp_path: Path) -> None:

@@ -7,20 +7,28 @@ target: channel shuffle, per-head dims, radix groups) or *whole blocks* (the out
 a block lives or dies whole: group norm). Per position is taken when ``d`` is an axis of its own
 and nothing reading the split takes statistics over it; whole blocks when the inner factor is
 merged with the following axes (``[B, G, C/G*H*W]``) or reduced over, where removing one position
-would change the statistics of the rest of its block.
+would change the statistics of the rest of its block. With ``attention="heads"`` (an analysis
+option), a split whose head axis reaches attention's MatMuls as a batch axis takes *whole heads*:
+the factor just above the head dim, each head with all of its dims.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from onnx import helper, numpy_helper
 
-from morphonnx.channels import RuleContext
+from morphonnx.channels import Channels, RuleContext
+from morphonnx.ir import Node
 from morphonnx.ops.common import follows_input, mixes, mixing, passthrough
 from morphonnx.ops.kind import OpKind
 from morphonnx.ops.rewrite import RewriteContext
+
+Granularity = Literal["positions", "blocks", "heads"]
+"""Which factor of a split channel axis the channels follow (:func:`split_map`)."""
 
 
 def reshape_map(
@@ -73,39 +81,115 @@ def reshape(ctx: RuleContext, x: str, a: int) -> None:
 
 
 def split_map(
-    in_shape: tuple[int, ...], a: int, out_shape: tuple[int, ...], *, blocks: bool = False
+    in_shape: tuple[int, ...], a: int, out_shape: tuple[int, ...], granularity: Granularity
 ) -> tuple[int, np.ndarray] | None:
-    """Where channel axis ``a`` goes when a Reshape splits it into blocks: the output axis and,
-    per index along it, the input channels it stands for (one per block, or a block's ``d``).
-
-    Per position when an output axis is the inner factor on its own (unless ``blocks``), else
-    whole blocks when an output axis is the outer factor; None when the channels spread in
-    another way."""
+    """Where channel axis ``a`` goes when a Reshape splits it into factors ``n x d x i`` (one
+    factor per output axis): the output axis of ``d`` and, per index ``j`` along it, the input
+    channels it stands for (``(ch // i) % d == j``). ``positions``: the innermost factor
+    (``i = 1``); ``blocks``: the outermost (``n = 1``, else the innermost); ``heads``: the factor
+    just above the innermost one (``[3, H, D]`` or ``[H, D]``: H). None when the channels spread
+    in another way."""
     c = in_shape[a]
     outer = math.prod(in_shape[:a])
     inner = math.prod(in_shape[a + 1 :])
-    for b in [] if blocks else reversed(range(len(out_shape))):
-        d = out_shape[b]
-        if 1 < d < c and not c % d:
-            before, after = math.prod(out_shape[:b]), math.prod(out_shape[b + 1 :])
-            if before == outer * (c // d) and after == inner:  # per position
-                return b, np.arange(d)[:, None] + d * np.arange(c // d)[None, :]
+    factors = {}  # output axis -> (n, i) of the factor it holds
     for b, d in enumerate(out_shape):
-        if 1 < d < c and not c % d:
-            before, after = math.prod(out_shape[:b]), math.prod(out_shape[b + 1 :])
-            if before == outer and after == (c // d) * inner:  # whole blocks
-                return b, np.arange(d)[:, None] * (c // d) + np.arange(c // d)[None, :]
-    return None
+        before, after = math.prod(out_shape[:b]), math.prod(out_shape[b + 1 :])
+        if 1 < d < c and not c % d and not before % outer and not after % inner:
+            if (before // outer) * d * (after // inner) == c:
+                factors[b] = (before // outer, after // inner)
+    innermost = [b for b, (_, i) in factors.items() if i == 1]
+    if granularity == "heads":
+        d = out_shape[innermost[0]] if innermost else 0
+        chosen = [b for b, (_, i) in factors.items() if i == d]
+    elif granularity == "blocks":
+        chosen = [b for b, (n, _) in factors.items() if n == 1] or innermost
+    else:
+        chosen = innermost or [b for b, (n, _) in factors.items() if n == 1]
+    if not chosen:
+        return None
+    b = chosen[0]
+    n, i = factors[b]
+    d = out_shape[b]
+    return b, np.arange(c).reshape(n, d, i).transpose(1, 0, 2).reshape(d, n * i)
 
 
 def choose_split(ctx: RuleContext, x: str, a: int) -> tuple[int, np.ndarray] | None:
     """``split_map`` per position, or whole blocks when what reads the split takes statistics
-    over the positions within a block (group norm written with reductions, as Keras does)."""
+    over the positions within a block (group norm written with reductions, as Keras does);
+    whole heads when the analysis asks for them (``Channels.attention``) and the split feeds
+    attention (:func:`_heads_reach_attention`)."""
     in_shape, out = ctx.shape(x), ctx.outputs[0]
-    found = split_map(in_shape, a, ctx.shape(out))
+    out_shape = ctx.shape(out)
+    if ctx.ch.attention == "heads":
+        heads = split_map(in_shape, a, out_shape, "heads")
+        if heads is not None and _heads_reach_attention(ctx, out, heads[0]):
+            if not _statistics_over(ctx, out, heads[0]):
+                return heads
+    found = split_map(in_shape, a, out_shape, "positions")
     if found is not None and _statistics_over(ctx, out, found[0]):
-        return split_map(in_shape, a, ctx.shape(out), blocks=True) or found
+        return split_map(in_shape, a, out_shape, "blocks")
     return found
+
+
+def _heads_reach_attention(ctx: RuleContext, tensor: str, axis: int) -> bool:
+    """Whether ``axis`` of ``tensor`` arrives at a MatMul of two computed tensors (q·kᵀ, ·v) as
+    a batch axis, through ops that move it (Transpose, reshapes that keep it whole, a Gather of
+    another axis) or keep it (scaling, rotary embeddings, norms over other axes): then its
+    blocks are attention heads. An axis that is gathered, split or sliced on picks q, k or v,
+    and is not one."""
+    todo, seen = [(tensor, axis)], set[tuple[str, int]]()
+    while todo and len(seen) < 64:
+        t, a = todo.pop()
+        if (t, a) in seen:
+            continue
+        seen.add((t, a))
+        for node in ctx.graph.consumers.get(t, []):
+            if not node.standard or node.inputs[:1] != [t] and node.op_type not in _ANY_INPUT:
+                continue
+            if node.op_type == "MatMul" and not any(ctx.is_const(i) for i in node.inputs):
+                if a < ctx.rank(t) - 2:
+                    return True
+                continue
+            moved = _head_axis_after(ctx, node, t, a)
+            if moved is not None:
+                todo.append(moved)
+    return False
+
+
+def _head_axis_after(ctx: RuleContext, node: Node, t: str, a: int) -> tuple[str, int] | None:
+    """Where axis ``a`` of ``t`` is in ``node``'s output, if the node carries it whole."""
+    op, out = node.op_type, node.outputs[0]
+    if not out or ctx.graph.shape(out) is None or ctx.graph.shape(t) is None:
+        return None
+    shape, out_shape = ctx.shape(t), ctx.shape(out)
+    if op == "Transpose":
+        perm = node.attr("perm") or list(reversed(range(len(shape))))
+        return out, list(perm).index(a)
+    if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+        found = reshape_map(shape, a, out_shape)
+        return None if found is None else (out, found[0])
+    if op == "Gather":
+        g = int(node.attr("axis", 0)) % len(shape)
+        if g == a:
+            return None
+        return out, a + (len(out_shape) - len(shape) if a > g else 0)
+    if op == "LayerNormalization" and a >= int(node.attr("axis", -1)) % len(shape):
+        return None
+    if op not in _KEEPS_HEADS:
+        return None
+    b = a + len(out_shape) - len(shape)
+    return (out, b) if out_shape[b] == shape[a] else None
+
+
+_ANY_INPUT = frozenset("MatMul Mul Div Add Sub Concat".split())
+"""Ops that may read the heads on any input (others: on input 0)."""
+_KEEPS_HEADS = frozenset(
+    """Split Slice Concat Expand Mul Div Add Sub Neg Cast Identity LayerNormalization""".split()
+)
+"""Ops that may stand between a head split and attention's MatMuls with each head's data on
+the same axis (scaling, rotary embeddings, per-head norms); a cut of that axis (Split, Slice,
+Concat along it) changes its size and ends the walk."""
 
 
 def _statistics_over(ctx: RuleContext, tensor: str, axis: int) -> bool:
@@ -144,38 +228,52 @@ def split_reshape(ctx: RuleContext, x: str, a: int, found: tuple[int, np.ndarray
 
 def constant_target(ctx: RuleContext, x: str, a: int, b: int) -> bool:
     """Whether the Reshape's target is a constant, or computed at run time in a way the rewrite
-    can write as one (recorded in ``Channels.targets``): entries that are constants stay, the
-    entry of the channel axis ``b`` gets the pruned count (torch reads it from another tensor's
-    shape, which pruning does not change), an entry that follows a batch or spatial dim becomes
-    0 (the input's dim at the same index) or the one -1."""
+    can write as one (:func:`run_time_template`, kept in ``Channels.targets``)."""
     node = ctx.node
     if "shape" in node.attrs or ctx.value(ctx.input(1)) is not None:
         return True
-    dep = ctx.ch.shape_dependence(ctx.input(1))
+    template = run_time_template(ctx.ch, node, ctx.shape(x), ctx.shape(ctx.outputs[0]), a, b)
+    if template is None:
+        return False
+    ctx.ch.targets[node.name] = template
+    return True
+
+
+def run_time_template(
+    ch: Channels,
+    node: Node,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    a: int | None,
+    b: int | None,
+) -> np.ndarray | None:
+    """A Reshape target computed from shapes, as the constant the rewrite writes: entries that
+    are constants stay, the entry of the channel axis ``b`` gets the pruned count (torch reads
+    it from another tensor's shape, which pruning does not change; with ``b`` None, for an
+    output that keeps its shape, every entry that follows channel counts keeps its value), an
+    entry that follows a batch or spatial dim becomes 0 (the input's dim at the same index) or
+    the one -1. None when it cannot be written so."""
+    dep = ch.shape_dependence(node.inputs[1])
     if dep is None or node.attr("allowzero", 0):
-        return False
+        return None
     exact, others, every = (v.reshape(-1).astype(np.int64) for v in dep)
-    in_shape, out_shape = ctx.shape(x), ctx.shape(ctx.outputs[0])
     if len(exact) != len(out_shape):
-        return False
+        return None
     template = exact.copy()
     for i in range(len(exact)):
         if exact[i] == others[i] == every[i]:
             continue  # a constant
         if exact[i] == others[i]:  # follows channel counts: only the channel axis may
-            if i != b:
-                return False
+            if b is not None and i != b:
+                return None
             template[i] = out_shape[i]
         elif i == b:
-            return False
+            return None
         elif i < len(in_shape) and i != a and others[i] == 2 * in_shape[i] + 3:
             template[i] = 0
         else:
             template[i] = -1
-    if (template == -1).sum() > 1:
-        return False
-    ctx.ch.targets[node.name] = template
-    return True
+    return None if (template == -1).sum() > 1 else template
 
 
 @follows_input
@@ -206,8 +304,12 @@ def expand(ctx: RuleContext, x: str, a: int) -> None:
 
 
 def reshape_target(ctx: RewriteContext) -> None:
+    """A constant target gets the pruned counts where the output changes; one computed from
+    shapes is rewritten wherever it does not follow the pruned shapes by itself, even when the
+    output keeps its shape (torch's ``unflatten(-1, (3, E))`` reads E from another tensor)."""
     out = ctx.node.outputs[0]
-    if not ctx.changed(out):
+    computed = "shape" not in ctx.node.attrs and ctx.const_input(1) is None
+    if ctx.graph.shape(out) is None or not (computed or ctx.changed(out)):
         return
     if "shape" in ctx.node.attrs:  # opset < 5
         target = np.array(ctx.node.attr("shape"), dtype=np.int64)
@@ -217,6 +319,9 @@ def reshape_target(ctx: RewriteContext) -> None:
             if _follows(ctx):  # itself (torch reads a width from another tensor), it is
                 return  # written as the constant the rule made of it
             value = ctx.channels.targets.get(ctx.node.name)
+            if value is None and not ctx.changed(out):
+                x, old = ctx.node.inputs[0], ctx.old_shape(out)
+                value = run_time_template(ctx.channels, ctx.node, ctx.old_shape(x), old, None, None)
         if value is None:
             _computed_target(ctx)
             return
@@ -242,29 +347,48 @@ def _follows(ctx: RewriteContext) -> bool:
 
 
 def _computed_target(ctx: RewriteContext) -> None:
-    """A target computed at run time follows the pruned shapes where it reads them (``Shape`` of
-    the input), not where it holds a channel count as a constant (keras ``Tensordot``:
-    ``Concat(Gather(Shape(x)), [4C])``, paddle heads: ``[Shape(x)[0], C]``). Entries that come
-    out wrong at the pruned shapes and are constant (the same when every run-time dim moves) get
-    the difference added, by an ``Add`` inserted before the Reshape."""
-    x, target, out = ctx.node.inputs[0], ctx.proto.input[1], ctx.node.outputs[0]
-    value = ctx.channels.value_at(target, ctx.new_shape)
-    moved = ctx.channels.value_at(target, ctx.new_shape, moved=True)
-    if value is None or moved is None or value.dtype.kind not in "iu":
+    """A Reshape target computed at run time that does not follow the pruned shapes by itself
+    (:func:`fix_run_time_shape`)."""
+    x = ctx.node.inputs[0]
+    allowzero = bool(ctx.node.attr("allowzero", 0))
+    fix_run_time_shape(ctx, lambda target: reshaped(ctx.shape(x), target, allowzero))
+
+
+def fix_run_time_shape(
+    ctx: RewriteContext, result: Callable[[np.ndarray], tuple[int, ...]]
+) -> None:
+    """A shape input (input 1: a Reshape target, an Expand shape) computed at run time follows
+    the pruned shapes where it reads them (``Shape`` of the input), not where it holds a
+    channel count as a constant (keras ``Tensordot``: ``Concat(Gather(Shape(x)), [4C])``,
+    paddle heads: ``[Shape(x)[0], C]``, ``expand(b, h, r, n, d)``) or reads one from another
+    tensor (torch's ``E // num_heads`` from the query's width). Entries that come out wrong at
+    the pruned shapes (``result`` of the value: the output shape it gives) and follow no batch
+    or spatial dim get the pruned output's dim, by a ``Mul`` (zeroing them) and an ``Add``
+    inserted before the node."""
+    shape, out = ctx.proto.input[1], ctx.node.outputs[0]
+    value = ctx.channels.value_at(shape, ctx.new_shape)
+    dep = ctx.channels.shape_dependence(shape)
+    if value is None or dep is None or value.dtype.kind not in "iu":
         return  # not evaluable: analyze's dry run reports the group
-    value, moved = value.reshape(-1).astype(np.int64), moved.reshape(-1)
+    value = value.reshape(-1).astype(np.int64)
+    exact, others = dep[0].reshape(-1), dep[1].reshape(-1)
     want = ctx.shape(out)
-    got = reshaped(ctx.shape(x), value, bool(ctx.node.attr("allowzero", 0)))
-    if got == want:
+    got = result(value)
+    if got == want or len(value) != len(want):
         return
-    delta = np.zeros_like(value)
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if g != w and value[i] > 0 and moved[i] == value[i]:
-            delta[i] = w - value[i]
-    if delta.any():
-        name = f"{ctx.node.name}__pruned_target"
-        ctx.model.graph.initializer.append(numpy_helper.from_array(delta, f"{name}_delta"))
-        ctx.insert(helper.make_node("Add", [target, f"{name}_delta"], [name], name=f"{name}_add"))
+    wrong = np.array(
+        [
+            g != w and value[i] > 0 and exact[i] == others[i]
+            for i, (g, w) in enumerate(zip(got, want, strict=True))
+        ]
+    )
+    if wrong.any():
+        name = f"{ctx.node.name}__pruned_shape"
+        keep = numpy_helper.from_array((~wrong).astype(np.int64), f"{name}_keep")
+        fixed = numpy_helper.from_array(np.where(wrong, want, 0).astype(np.int64), f"{name}_dims")
+        ctx.model.graph.initializer.extend([keep, fixed])
+        ctx.insert(helper.make_node("Mul", [shape, keep.name], [f"{name}_kept"], f"{name}_mul"))
+        ctx.insert(helper.make_node("Add", [f"{name}_kept", fixed.name], [name], f"{name}_add"))
         ctx.proto.input[1] = name
 
 
@@ -277,6 +401,14 @@ def reshaped(shape: tuple[int, ...], target: np.ndarray, allowzero: bool) -> tup
     return tuple(dims)
 
 
+def broadcast(shape: tuple[int, ...], target: np.ndarray) -> tuple[int, ...]:
+    """The output shape of ``Expand(x of shape, target)``; -1 where they do not broadcast."""
+    rank = max(len(shape), len(target))
+    a = (1,) * (rank - len(shape)) + tuple(shape)
+    b = (1,) * (rank - len(target)) + tuple(int(d) for d in target)
+    return tuple(p if q == 1 else q if p in (1, q) else -1 for p, q in zip(a, b, strict=True))
+
+
 def resize_sizes(ctx: RewriteContext) -> None:
     out = ctx.node.outputs[0]
     if ctx.changed(out) and ctx.const_input(3) is not None:
@@ -286,7 +418,11 @@ def resize_sizes(ctx: RewriteContext) -> None:
 def expand_shape(ctx: RewriteContext) -> None:
     out = ctx.node.outputs[0]
     value = ctx.const_input(1)
-    if not ctx.changed(out) or value is None:
+    if not ctx.changed(out):
+        return
+    if value is None:
+        x = ctx.node.inputs[0]
+        fix_run_time_shape(ctx, lambda shape: broadcast(ctx.shape(x), shape))
         return
     target = value.astype(np.int64).copy()
     old, new = ctx.old_shape(out), ctx.shape(out)
