@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from morphonnx.binding import Binding, Param, cached, check_options, load_spec
+from morphonnx.formats import Attention
 from morphonnx.regularize import ArrayOps
 
 Slices = dict[str, dict[int, list[int]]]  # framework name -> framework axis -> indices
@@ -30,17 +31,20 @@ def onnx_fingerprint(path: str | os.PathLike[str]) -> str:
 
 
 def export_and_spec(
-    export: Callable[[str], None], spec_path: str | os.PathLike[str]
+    export: Callable[[str], None],
+    spec_path: str | os.PathLike[str],
+    attention: Attention = "dims",
 ) -> dict[str, Any]:
-    """Run an adapter's ``export(path)`` into a temporary folder, analyse the file and write its
-    group spec to ``spec_path``; returns the spec."""
+    """Run an adapter's ``export(path)`` into a temporary folder, analyse the file (attention
+    grouped as ``attention``, as ``morphonnx spec --attention``) and write its group spec to
+    ``spec_path``; returns the spec."""
     from morphonnx.api import make_spec
     from morphonnx.formats import write_json
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export(path)
-        spec = make_spec(path, devices=())
+        spec = make_spec(path, devices=(), attention=attention)
     write_json(spec_path, spec)
     return spec
 

@@ -175,6 +175,19 @@ def _range(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
     return np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
 
 
+def source_axis(node: Node, axis: int, rank: int) -> int | None:
+    """The axis of a folded node's first input that its output's ``axis`` is, when the fold only
+    moves or re-types values (``Transpose``, ``Identity``, ``Cast``); None for any other fold.
+    Lets a spec name the stored weight a framework trains rather than its folded view (torch's
+    ``Linear`` on 3-D inputs exports ``MatMul(x, Transpose(weight))``)."""
+    if node.op_type in ("Identity", "Cast"):
+        return axis
+    if node.op_type == "Transpose":
+        perm = node.attr("perm")
+        return int(perm[axis]) if perm is not None else rank - 1 - axis
+    return None
+
+
 FOLDS: dict[str, Fold] = {
     "Identity": _unary(lambda x: x),
     "Cast": _cast,

@@ -17,6 +17,7 @@ from morphonnx.analysis import Analysis
 from morphonnx.channels import Slot
 from morphonnx.costs import node_macs
 from morphonnx.errors import MorphonnxError
+from morphonnx.fold import source_axis
 from morphonnx.formats import SPEC_FORMAT, VERSION, read_json, recorded_attention
 from morphonnx.ir import Node
 from morphonnx.ops import Layer, op_kind
@@ -102,13 +103,28 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
     return terms
 
 
+def _stored(a: Analysis, tensor: str, axis: int) -> tuple[str, int]:
+    """The stored constant and axis a member's slice is, through folds that only move or re-type
+    values (``fold.source_axis``): adapters bind and train that tensor, ``mask`` reads it."""
+    g = a.graph
+    while (c := g.constants.get(tensor)) is not None and c.kind == "folded" and c.node:
+        node = g.by_name[c.node]
+        src = source_axis(node, axis, len(c.shape))
+        if src is None or not node.inputs or not g.is_const(node.inputs[0]):
+            break
+        tensor, axis = node.inputs[0], src
+    return tensor, axis
+
+
 def build_spec(a: Analysis) -> dict[str, Any]:
     groups = []
     for g in a.solution.groups:
-        members = [
-            {"tensor": m.tensor, "axis": m.axis, "role": m.role, "positions": m.positions}
-            for m in g.members
-        ]
+        members = []
+        for m in g.members:
+            tensor, axis = _stored(a, m.tensor, m.axis)
+            members.append(
+                {"tensor": tensor, "axis": axis, "role": m.role, "positions": m.positions}
+            )
         groups.append(
             {
                 "id": g.id,
@@ -117,16 +133,12 @@ def build_spec(a: Analysis) -> dict[str, Any]:
                 "reason": g.reason,
                 "members": members,
                 "regularize": {
-                    "gammas": [
-                        {"tensor": m.tensor, "axis": m.axis, "positions": m.positions}
-                        for m in g.members
-                        if m.role == "gamma"
-                    ],
-                    "weights": [
-                        {"tensor": m.tensor, "axis": m.axis, "positions": m.positions}
-                        for m in g.members
-                        if m.role == "producer"
-                    ],
+                    key: [
+                        {k: m[k] for k in ("tensor", "axis", "positions")}
+                        for m in members
+                        if m["role"] == role
+                    ]
+                    for key, role in (("gammas", "gamma"), ("weights", "producer"))
                 },
             }
         )

@@ -656,6 +656,52 @@ def test_slice_model_refuses_uncovered_layers(tmp_path: Path) -> None:
     assert (model.scale.scale.detach()[0, :, 0, 0] == 0).any()
 
 
+class TokenMLP(nn.Module):
+    """A transformer MLP on (batch, tokens, dim): torch exports each Linear on 3-D inputs as
+    ``MatMul(x, Transpose(weight))``, a folded view of the parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_linear_on_token_inputs_binds_the_parameters(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = TokenMLP().eval(), torch.randn(2, 5, 8)
+    spec = json.loads(_spec(model, x, tmp_path).read_text())
+    weights = {w["tensor"]: w["axis"] for g in spec["groups"] for w in g["regularize"]["weights"]}
+    assert weights == {"fc1.weight": 0, "fc2.weight": 0, "head.weight": 0}
+    with torch.no_grad():
+        model.fc1.weight[[1, 4, 9]] = 1e-5
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    assert reg.unmapped == []
+    (hidden,) = [g for g in spec["groups"] if g["prunable"]]
+    want = model.fc1.weight.detach().double().pow(2).mean(1).sqrt().numpy()
+    np.testing.assert_allclose(reg.mask().values[hidden["id"]], want, rtol=1e-6)
+    assert [i for i, k in enumerate(reg.mask().keep[hidden["id"]]) if not k] == [1, 4, 9]
+
+    trained = tmp_path / "trained.onnx"
+    export_onnx(model, x, trained)
+    reg.write_mask(tmp_path / "mask.json")
+    pruned = tmp_path / "pruned.onnx"
+    assert (
+        cli(["prune", str(trained), "--mask", str(tmp_path / "mask.json"), "-o", str(pruned)]) == 0
+    )
+    reg.zero_dead_()
+    small = reg.slice_model()
+    assert tuple(small.fc1.weight.shape) == (13, 8) and tuple(small.fc2.weight.shape) == (8, 13)
+    with torch.no_grad():
+        want_out, got = model(x), small(x)
+    torch.testing.assert_close(got, want_out, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_ort(pruned, x), got.numpy(), atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- errors
 
 

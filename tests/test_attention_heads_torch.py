@@ -8,11 +8,13 @@ count."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from group_patterns import prune_verified
 from onnx_builders import group_of, member
@@ -246,3 +248,60 @@ def test_vit_with_separate_qkv_prunes_whole_heads(tmp_path: Path) -> None:
         head_blocks(2, 6)
     )
     prune_verified(path, seeds=(0,), attention="heads")
+
+
+@pytest.mark.parametrize("name", ["timm", "bert"])
+def test_adapter_regularizes_and_masks_whole_heads(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The torch adapter on a spec of whole heads: every weight binds (a Linear on 3-D inputs
+    exports a folded Transpose of its parameter; the spec names the parameter), a head's value
+    is the largest RMS of its q, k and v rows (computed here from the torch weights), and the
+    mask it writes prunes that head and verifies."""
+    from cli_runner import run
+
+    from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec
+
+    model, x = build(name), torch.randn(1, 6, 8)
+    inputs = (x, torch.zeros(1, 1, 1, 6)) if name == "bert" else x
+    attn = model.attn
+    weights = [attn.qkv.weight] if name == "timm" else [attn.q.weight, attn.k.weight, attn.v.weight]
+    with torch.no_grad():
+        for w in weights:  # rows of head h: h*4 .. h*4+3 of each 12 (q, k, v); head 1 dies
+            w[[r for r in range(w.shape[0]) if r % 12 // 4 == 1]] *= 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = export_spec(model, inputs, tmp_path / "spec.json", attention="heads")
+        export_onnx(model, inputs, tmp_path / "trained.onnx")
+    assert spec["attention"] == "heads"
+    (heads,) = [g for g in spec["groups"] if g["prunable"] and g["channels"] == 3]
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    assert reg.unmapped == []
+    want = [
+        max(
+            w.detach()
+            .double()[[r for r in range(w.shape[0]) if r % 12 // 4 == h]]
+            .pow(2)
+            .mean(1)
+            .sqrt()
+            .max()
+            .item()
+            for w in weights
+        )
+        for h in range(3)
+    ]
+    np.testing.assert_allclose(reg.mask().values[heads["id"]], want, rtol=1e-6)
+    reg.write_mask(tmp_path / "mask.json")
+    mask = json.loads((tmp_path / "mask.json").read_text())
+    assert mask["attention"] == "heads" and mask["groups"][heads["id"]] == [True, False, True]
+    rc, _, err = run(
+        capsys,
+        "prune",
+        tmp_path / "trained.onnx",
+        "--mask",
+        tmp_path / "mask.json",
+        "-o",
+        tmp_path / "pruned.onnx",
+    )
+    assert rc == 0, err
+    assert attention_heads(analyze(tmp_path / "pruned.onnx")) == {2}

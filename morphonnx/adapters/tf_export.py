@@ -27,6 +27,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import onnx
 
+    from morphonnx.formats import Attention
+
 __all__ = ["export_onnx", "export_spec", "keras_layouts"]
 
 _EXPORT_LOCK = threading.Lock()
@@ -156,10 +158,17 @@ def _save(proto: onnx.ModelProto, tmp: Path) -> None:
 
 
 def export_spec(
-    model: Any, input_signature: Sequence[Any], spec_path: str | os.PathLike[str], **kwargs: Any
+    model: Any,
+    input_signature: Sequence[Any],
+    spec_path: str | os.PathLike[str],
+    attention: Attention = "dims",
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`export_onnx` + ``morphonnx spec`` in one call; returns the spec (weights do not
-    matter: it fits every later export of the same architecture)."""
+    matter: it fits every later export of the same architecture). ``attention``: ``"heads"``
+    groups attention by whole heads (``morphonnx spec --attention``)."""
     from morphonnx.adapterbase import export_and_spec
 
-    return export_and_spec(lambda p: export_onnx(model, input_signature, p, **kwargs), spec_path)
+    return export_and_spec(
+        lambda p: export_onnx(model, input_signature, p, **kwargs), spec_path, attention
+    )

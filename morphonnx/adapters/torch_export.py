@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+    from morphonnx.formats import Attention
+
 __all__ = ["export_onnx", "export_spec", "unwrap_model"]
 
 
@@ -154,16 +156,18 @@ def export_spec(
     model: torch.nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
     spec_path: str | os.PathLike[str],
+    attention: Attention = "dims",
     **export_kwargs: Any,
 ) -> dict[str, Any]:
     """Export ``model`` with :func:`export_onnx` and write its group spec; returns the spec.
 
     Weight values do not matter (an untrained model is fine): the spec fits every later export
-    of the same architecture. Cost coefficients use ``example_inputs``' batch. ``export_kwargs``
-    go to :func:`export_onnx` (use the same ones for the trained export).
+    of the same architecture. Cost coefficients use ``example_inputs``' batch. ``attention``:
+    ``"heads"`` groups attention by whole heads (``morphonnx spec --attention``).
+    ``export_kwargs`` go to :func:`export_onnx` (use the same ones for the trained export).
     """
     from morphonnx.adapterbase import export_and_spec
 
     return export_and_spec(
-        lambda p: export_onnx(model, example_inputs, p, **export_kwargs), spec_path
+        lambda p: export_onnx(model, example_inputs, p, **export_kwargs), spec_path, attention
     )
