@@ -185,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random masks' seed (default 0)")
     p.add_argument("--keep-models", metavar="DIR", help="keep the pruned variants in DIR")
     p.add_argument("--round-to", type=int, metavar="K", help="random widths as multiples of K")
+    _attention_arg(p)
 
     p = sub.add_parser("devices", help="list built-in device profiles")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -473,6 +474,7 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from morphonnx.devices import BUILTIN, resolve_device
+    from morphonnx.formats import check_attention
     from morphonnx.plots import plot_sweep, pyplot
     from morphonnx.report import print_correlations
     from morphonnx.sweep import SweepSetup, column, correlations, run_sweep, shapes_tuple
@@ -501,6 +503,7 @@ def cmd_sweep(args: argparse.Namespace, console: Any) -> None:
         batch=args.batch,
         input_shapes=shapes_tuple(dict(args.input_shape)),
         round_to=args.round_to,
+        attention=check_attention(args.attention or "dims"),
     )
     with Progress(
         "variants", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from morphonnx.analysis import Analysis, analyze
 from morphonnx.devices import Device
 from morphonnx.errors import MorphonnxError
-from morphonnx.formats import write_text
+from morphonnx.formats import Attention, write_text
 from morphonnx.mask import rounded_count
 from morphonnx.prune import check_pruned, prune_model, save_model
 from morphonnx.runtime import RunConfig, random_feeds, session, time_pairs
@@ -50,10 +50,11 @@ class SweepSetup:
     batch: int = 1
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     round_to: int | None = None  # widths multiples of this (as ``mask --round-to``)
+    attention: Attention = "dims"  # attention grouped per head dim or by whole heads
 
     def columns(self) -> list[str]:
         lat = [f"latency_{d.name}_s" for d in self.devices]
-        first = ["variant", "seed", "round_to", "model_fingerprint", "kept_fraction"]
+        first = ["variant", "seed", "round_to", "attention", "model_fingerprint", "kept_fraction"]
         return (
             first
             + ["flops", "params"]
@@ -71,7 +72,11 @@ class SweepSetup:
     def analyze(self) -> Analysis:
         shapes = {k: list(v) for k, v in self.input_shapes}
         return analyze(
-            self.model, batch=self.batch, input_shapes=shapes, devices=list(self.devices)
+            self.model,
+            batch=self.batch,
+            input_shapes=shapes,
+            devices=list(self.devices),
+            attention=self.attention,
         )
 
 
@@ -112,7 +117,8 @@ def random_masks(a: Analysis, n: int, seed: int, round_to: int | None = None) ->
 
 
 def read_rows(path: Path, setup: SweepSetup, fp: str) -> list[Row]:
-    """Rows of an earlier run of the same sweep; refuse a CSV of another model, seed or devices."""
+    """Rows of an earlier run of the same sweep; refuse a CSV of another model, seed, width
+    rounding, attention grouping or devices."""
     if not path.exists():
         return []
     try:
@@ -124,14 +130,16 @@ def read_rows(path: Path, setup: SweepSetup, fp: str) -> list[Row]:
         raise MorphonnxError(f"{path}: cannot read the earlier sweep ({exc})") from None
     if header != setup.columns():
         raise MorphonnxError(
-            f"{path}: written by a sweep with other columns (devices); use another -o file"
+            f"{path}: written by a sweep with other columns (devices, or an older morphonnx); "
+            "use another -o file"
         )
     for r in rows:
-        if (r["model_fingerprint"], r["seed"], r["round_to"]) != (fp, str(setup.seed), _rt(setup)):
+        mine = (fp, str(setup.seed), _rt(setup), setup.attention)
+        if (r["model_fingerprint"], r["seed"], r["round_to"], r["attention"]) != mine:
             raise MorphonnxError(
                 f"{path}: written for another model or seed (fingerprint "
-                f"{r['model_fingerprint']}, seed {r['seed']}, round_to {r['round_to'] or '-'}); "
-                "use another -o file"
+                f"{r['model_fingerprint']}, seed {r['seed']}, round_to {r['round_to'] or '-'}, "
+                f"attention {r['attention']}); use another -o file"
             )
     return rows
 
@@ -202,6 +210,7 @@ def run_sweep(
                 "variant": str(i),
                 "seed": str(setup.seed),
                 "round_to": _rt(setup),
+                "attention": setup.attention,
                 "model_fingerprint": a.fingerprint,
                 "kept_fraction": f"{kept / prunable:.6g}",
                 "flops": str(predicted.flops),

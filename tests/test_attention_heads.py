@@ -254,3 +254,28 @@ def test_files_without_the_field_are_per_head_dim(tmp_path: Path) -> None:
     write_json(bad, doc)
     with pytest.raises(MorphonnxError, match=r"bad.json: 'attention': 'rows' is not an attention"):
         read_spec(bad)
+
+
+def test_sweep_varies_whole_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sweep --attention heads`` draws its random widths over whole heads: every variant keeps
+    the head dim (4) in its split targets, the head count varies, the CSV records the grouping
+    and a resume under the other grouping is refused."""
+    import csv
+
+    path = attention(17, False, "separate", 3, 4).save(tmp_path)
+    kept, out = tmp_path / "variants", tmp_path / "sweep.csv"
+    kept.mkdir()
+    argv = ["sweep", path, "-o", out, "--repeats", "1", "--warmup", "0", "--attention", "heads"]
+    rc, _, err = run(capsys, *argv, "-n", 4, "--keep-models", kept)
+    assert rc == 0, err
+    assert [r["attention"] for r in csv.DictReader(out.open())] == ["heads"] * 4
+    counts = set()
+    for f in sorted(kept.glob("variant_*.onnx")):
+        *splits, merge = targets(onnx.load(str(f)))
+        (h,) = {t[2] for t in splits}
+        assert splits == [[0, -1, h, 4]] * 3 and merge == [0, N, 4 * h]
+        counts.add(h)
+    assert min(counts) < 3
+    before = out.read_bytes()
+    rc, _, err = run(capsys, *argv[:-1], "dims", "-n", 5)
+    assert rc == 1 and out.read_bytes() == before and "attention heads" in err
