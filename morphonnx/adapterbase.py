@@ -212,7 +212,10 @@ class RegularizerBase:
             path = os.path.join(tmp, "model.onnx")
             export(path)
             a = analyze_file(path)
-            theirs = {g.id: {m.tensor for m in g.members} for g in a.solution.groups}
+            theirs = {
+                g.id: {a.graph.stored(m.tensor, m.axis)[0] for m in g.members}
+                for g in a.solution.groups
+            }
             for g in self.spec["groups"]:
                 if g["id"] in keep and theirs.get(g["id"]) != {m["tensor"] for m in g["members"]}:
                     raise ValueError(
@@ -220,11 +223,13 @@ class RegularizerBase:
                         f"{g['id']}); pass example_inputs like those given to export_spec"
                     )
             plan = plan_fold(a, keep, self.kind)
+            stored = {c.weight: a.graph.stored(c.weight, 0)[0] for c in plan.corrections}
         deltas = []
         for c in plan.corrections:
-            if c.weight not in self.binding.params:
-                raise ValueError(f"slice_model: no layer owns `{c.weight}` to fold a constant into")
-            deltas.append((self.binding.params[c.weight].name, c.interior))
+            weight = stored[c.weight]
+            if weight not in self.binding.params:
+                raise ValueError(f"slice_model: no layer owns `{weight}` to fold a constant into")
+            deltas.append((self.binding.params[weight].name, c.interior))
         border = max((c.border for c in plan.corrections), default=0.0)
         if border > 0 and not all(c.uniform for c in plan.corrections):
             warnings.warn(

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from morphonnx.fold import FOLDS, constant_of_shape
+from morphonnx.fold import FOLDS, constant_of_shape, source_axis
 from morphonnx.ir import Constant, Node, Shape, TensorInfo, constant_node_value
 from morphonnx.protoscan import LazyWeights
 
@@ -97,6 +97,19 @@ class Graph:
             if name not in moved and any(t in moved for t in sources):
                 found.append(name)
         return found
+
+    def stored(self, name: str, axis: int) -> tuple[str, int]:
+        """The constant ``name`` is a view of, and the axis there that its ``axis`` is, through
+        folds that only move or re-type values (``fold.source_axis``); itself otherwise. What a
+        framework trains is the stored tensor: torch exports a ``Linear`` on 3-D inputs as
+        ``MatMul(x, Transpose(weight))``."""
+        while (c := self.constants.get(name)) is not None and c.kind == "folded" and c.node:
+            node = self.by_name[c.node]
+            src = source_axis(node, axis, len(c.shape))
+            if src is None or not node.inputs or not self.is_const(node.inputs[0]):
+                break
+            name, axis = node.inputs[0], src
+        return name, axis
 
     def small_value(self, name: str, limit: int = SMALL_VALUE_LIMIT) -> np.ndarray | None:
         """Values of a small constant (shape vectors, axes, pads), or None when not constant."""

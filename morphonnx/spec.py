@@ -17,7 +17,6 @@ from morphonnx.analysis import Analysis
 from morphonnx.channels import Slot
 from morphonnx.costs import node_macs
 from morphonnx.errors import MorphonnxError
-from morphonnx.fold import source_axis
 from morphonnx.formats import SPEC_FORMAT, VERSION, read_json, recorded_attention
 from morphonnx.ir import Node
 from morphonnx.ops import Layer, op_kind
@@ -103,25 +102,12 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
     return terms
 
 
-def _stored(a: Analysis, tensor: str, axis: int) -> tuple[str, int]:
-    """The stored constant and axis a member's slice is, through folds that only move or re-type
-    values (``fold.source_axis``): adapters bind and train that tensor, ``mask`` reads it."""
-    g = a.graph
-    while (c := g.constants.get(tensor)) is not None and c.kind == "folded" and c.node:
-        node = g.by_name[c.node]
-        src = source_axis(node, axis, len(c.shape))
-        if src is None or not node.inputs or not g.is_const(node.inputs[0]):
-            break
-        tensor, axis = node.inputs[0], src
-    return tensor, axis
-
-
 def build_spec(a: Analysis) -> dict[str, Any]:
     groups = []
     for g in a.solution.groups:
         members = []
         for m in g.members:
-            tensor, axis = _stored(a, m.tensor, m.axis)
+            tensor, axis = a.graph.stored(m.tensor, m.axis)
             members.append(
                 {"tensor": tensor, "axis": axis, "role": m.role, "positions": m.positions}
             )

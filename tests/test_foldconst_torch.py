@@ -77,3 +77,27 @@ def test_padded_consumer_folds_the_interior_value_and_warns(tmp_path: Path) -> N
     dead = torch.relu(model.a[1].bias.detach()[[1, 3]]).numpy()
     want = w.sum(axis=(2, 3)) @ dead
     np.testing.assert_allclose(small.b[0].bias.detach().numpy(), want, rtol=1e-5)
+
+
+def test_folded_slice_of_linears_on_token_inputs(tmp_path: Path) -> None:
+    """A transformer MLP on (batch, tokens, dim), group LASSO: dead hidden units have zero weight
+    rows but a bias, so each outputs GELU(bias) on every token; the folded slice adds that,
+    through fc2 (exported as ``MatMul(x, Transpose(fc2.weight))``), to fc2's bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[[2, 7, 11]] = 0
+        model[0].bias[[2, 7, 11]] = torch.tensor([0.5, -0.3, 1.2])
+    x = torch.randn(2, 5, 8)
+    export_spec(model, x, tmp_path / "spec.json")
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    with torch.no_grad():
+        want = model(x).numpy()
+        plain = reg.slice_model().eval()(x).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no padding: exact, no border warning
+            small = reg.slice_model(fold_constants=True, example_inputs=x).eval()
+        got = small(x).numpy()
+    assert small[0].out_features == 13 and small[2].in_features == 13
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(plain - want).max() > 1e-2
