@@ -66,7 +66,10 @@ def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs and outputs, and from symbolic dimensions: tf2onnx's process-wide ``__17`` and the
     ``_1`` suffixes TensorFlow gives name scopes traced more than once (``functional_1_1/
     conv2d_1/BiasAdd`` becomes ``functional/conv2d/BiasAdd``). Names that then coincide get
-    ``__1``, ``__2``... in graph order, so every export of one model gets the same names."""
+    ``__1``, ``__2``... in the order nodes read or write them; a constant several nodes read is
+    named after the first (``node:input``: tf2onnx merges equal constants, keeping either's name);
+    initializers are put in the order nodes first read them. So every export of one model gets
+    the same names and order."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -74,9 +77,20 @@ def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
     tensors: dict[str, str] = {n: n for n in fixed}
     nodes: dict[str, str] = {}
 
+    stored = {t.name for t in g.initializer}
+    reads: dict[str, list[str]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in stored:
+                reads.setdefault(i, []).append(f"{n.name or n.op_type}:{k}")
+    # tf2onnx merges equal constants under the name of either: a shared one is named by its
+    # first reader instead
+    alias = {t: r[0] for t, r in reads.items() if len(r) > 1}
+
     def fresh(name: str, table: dict[str, str]) -> str:
         if name not in table:
-            base = "/".join(_SUFFIX.sub("", c) for c in _COUNTER.sub("", name).split("/"))
+            raw = alias.get(name, name) if table is tensors else name
+            base = "/".join(_SUFFIX.sub("", c) for c in _COUNTER.sub("", raw).split("/"))
             used = set(table.values())
             new, k = base, 0
             while new in used:
@@ -85,12 +99,18 @@ def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
             table[name] = new
         return table[name]
 
-    for t in g.initializer:
-        t.name = fresh(t.name, tensors)
-    for n in g.node:
+    for n in g.node:  # graph order, not initializer order (tf2onnx's varies between exports)
         n.name = fresh(n.name, nodes) if n.name else n.name
         n.input[:] = [fresh(i, tensors) if i else i for i in n.input]
         n.output[:] = [fresh(o, tensors) if o else o for o in n.output]
+    for t in g.initializer:
+        t.name = fresh(t.name, tensors)
+    first_read: dict[str, int] = {}
+    for k, name in enumerate(i for n in g.node for i in n.input):
+        first_read.setdefault(name, k)
+    inits = sorted(g.initializer, key=lambda t: first_read.get(t.name, len(first_read)))
+    del g.initializer[:]
+    g.initializer.extend(inits)
     dims: dict[str, str] = {}
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         if vi.name not in fixed:
@@ -125,8 +145,9 @@ def bind_values(
     """Two exports of one model, each with generic random values (``tags``: name -> array in
     the framework's layout, ``perms``: its axis map) in every variable, as one file with stable
     names and the real ``values``: each constant that equals a variable's tag (in ONNX layout)
-    in both exports becomes that variable, named by it; one that differs between the exports
-    without being a variable is a mix of weights, refused (its values could not be written)."""
+    in both exports becomes that variable, named by it; one that equals it reshaped gets its
+    values under its own name (adapters do not bind it); one that differs between the exports
+    without being either is a mix of weights, refused (its values could not be written)."""
     from onnx import numpy_helper
 
     from morphonnx.formats import fingerprint
@@ -155,9 +176,20 @@ def bind_values(
             ),
             None,
         )
+        view = hit or next(  # a reshaped view (LayerNormalization's gamma as [1, 1, C])
+            (
+                p
+                for p in by_size.get(x.size, [])
+                if np.array_equal(tags[0][p].transpose(perms[p]).reshape(x.shape), x)
+                and np.array_equal(tags[1][p].transpose(perms[p]).reshape(x.shape), y)
+            ),
+            None,
+        )
         if hit is not None:
             renames[init.name] = hit
-            init.CopyFrom(numpy_helper.from_array(values[hit].transpose(perms[hit]), init.name))
+        if view is not None:
+            real = values[view].transpose(perms[view]).reshape(x.shape)
+            init.CopyFrom(numpy_helper.from_array(real, init.name))
         elif not np.array_equal(x, y):
             mixed.append(init.name)
     if mixed:

@@ -129,6 +129,44 @@ def test_group_lasso_reads_keras_kernels_in_their_layout(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- torch agreement
 
 
+def test_dense_on_token_inputs_with_layer_norm(tmp_path: Path) -> None:
+    """A transformer MLP on (batch, tokens, dim) with a residual and LayerNormalization: tf2onnx
+    writes Dense on 3-D inputs as Tensordot reshapes whose shape constants it names with
+    process-wide counters in an order that varies between exports, and LayerNormalization's
+    gamma and beta reshaped to [1, 1, C]; the export still maps, the hidden units' group-LASSO
+    values are the RMS of the kernel's columns, and slice, zeroed model and pruned ONNX agree."""
+    x = keras.Input((5, 8))
+    h = layers.Dense(16, activation="relu", name="fc1")(x)
+    y = layers.LayerNormalization(name="ln")(layers.Add()([x, layers.Dense(8, name="fc2")(h)]))
+    model = keras.Model(x, layers.Dense(3, name="head")(layers.GlobalAveragePooling1D()(y)))
+    kernel = model.get_layer("fc1").kernel
+    kernel.assign(kernel.numpy() * np.where(np.arange(16) % 5 == 0, 1e-5, 1.0))
+    sig = (tf.TensorSpec((None, 5, 8), tf.float32, name="input"),)
+    spec = export_spec(model, sig, tmp_path / "spec.json")
+    (hidden,) = [g for g in spec["groups"] if g["prunable"]]
+    assert hidden["regularize"]["weights"] == [
+        {"tensor": "fc1/kernel", "axis": 1, "positions": [[i] for i in range(16)]}
+    ]
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    want = np.sqrt((kernel.numpy().astype(np.float64) ** 2).mean(0))
+    np.testing.assert_allclose(reg.mask().values[hidden["id"]], want, rtol=1e-6)
+    assert [i for i, k in enumerate(reg.mask().keep[hidden["id"]]) if not k] == [0, 5, 10, 15]
+
+    export_onnx(model, sig, tmp_path / "trained.onnx")
+    reg.write_mask(tmp_path / "mask.json")
+    pruned = tmp_path / "pruned.onnx"
+    assert run_cli("prune", tmp_path / "trained.onnx", "--mask", tmp_path / "mask.json",
+                   "-o", pruned) == 0  # fmt: skip
+    reg.zero_dead_()
+    small = reg.slice_model()
+    assert tuple(small.get_layer("fc2").kernel.shape) == (12, 8)
+    data = np.random.default_rng(0).normal(size=(4, 5, 8)).astype(np.float32)
+    want_out = model(data).numpy()
+    np.testing.assert_allclose(small(data).numpy(), want_out, atol=1e-5)
+    sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": data})[0], want_out, atol=1e-5)
+
+
 def keras_block() -> Any:
     """stem conv(3->4)+bn+relu; residual conv(4->4)+bn added; depthwise 3x3 + bn + relu; pointwise
     conv(4->6)+bn+relu; pool; dense(6->2). 6x6 input."""
