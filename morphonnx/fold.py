@@ -177,10 +177,11 @@ def _range(node: Node, inputs: Sequence[np.ndarray | None]) -> np.ndarray:
 
 def source_axis(node: Node, axis: int, rank: int) -> int | None:
     """The axis of a folded node's first input that its output's ``axis`` is, when the fold only
-    moves or re-types values (``Transpose``, ``Identity``, ``Cast``); None for any other fold.
-    Lets a spec name the stored weight a framework trains rather than its folded view (torch's
-    ``Linear`` on 3-D inputs exports ``MatMul(x, Transpose(weight))``)."""
-    if node.op_type in ("Identity", "Cast"):
+    moves or re-types values (``Transpose``, ``Cast``); None for any other fold. Lets a spec name
+    the stored weight a framework trains rather than its folded view (torch's ``Linear`` on 3-D
+    inputs exports ``MatMul(x, Transpose(weight))``). Not ``Identity``: exporters write one
+    parameter equal to another as ``Identity`` of it, and the two are trained apart."""
+    if node.op_type == "Cast":
         return axis
     if node.op_type == "Transpose":
         perm = node.attr("perm")

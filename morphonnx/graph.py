@@ -100,9 +100,9 @@ class Graph:
 
     def stored(self, name: str, axis: int) -> tuple[str, int]:
         """The constant ``name`` is a view of, and the axis there that its ``axis`` is, through
-        folds that only move or re-type values (``fold.source_axis``); itself otherwise. What a
-        framework trains is the stored tensor: torch exports a ``Linear`` on 3-D inputs as
-        ``MatMul(x, Transpose(weight))``."""
+        folds that only move or re-type values (``fold.source_axis``: Transpose, Cast); itself
+        otherwise. What a framework trains is the stored tensor: torch exports a ``Linear`` on
+        3-D inputs as ``MatMul(x, Transpose(weight))``."""
         while (c := self.constants.get(name)) is not None and c.kind == "folded" and c.node:
             node = self.by_name[c.node]
             src = source_axis(node, axis, len(c.shape))
