@@ -2,8 +2,8 @@
 
 Every model is exported as ``export_onnx`` writes it (BN kept, state_dict names); some also with
 the exporter's constant folding (BN folded into the convs, ``onnx::Conv_N`` names), simplified
-(shape computations folded into constants, as onnxsim leaves them), at opset 13, or with a
-dynamic batch. For each:
+(shape computations folded into constants, as onnxsim leaves them), at opset 13, with a dynamic
+batch, or by torch's default exporter (``dynamo=True``, also with a dynamic batch). For each:
 
 - ``analyze`` succeeds and its MACs equal an independent forward-hook count in torch (plus the
   attention MatMuls between activations, counted by hand);
@@ -48,12 +48,21 @@ OPSET13 = ("shufflenet_v2", "vit", "norm_zoo", "mobilenet_v3")
 DYNAMIC = ("efficientnet_b0", "vit", "yolov8_split", "yolov8_cls", "deeplab_aspp")
 """Also with a dynamic batch dim (analyzed at batch 1)."""
 
+DYNAMO = ("shufflenet_v2", "efficientnet_b0", "yolov8", "vit", "nhwc", "densenet_bc", "unet_pad")
+"""Also exported by torch's default exporter (``dynamo=True``, onnxscript): ops as the
+torch.export decompositions write them, names from the FX graph (``conv2d_3``), BN kept."""
+
+DYNAMO_DYNAMIC = ("efficientnet_b0", "yolov8_split", "vit")
+"""Also by the default exporter with a dynamic batch (``dynamic_shapes``)."""
+
 CASES = (
     [(name, "") for name in ZOO]
     + [(name, "folded") for name in FOLDED]
     + [(name, "simplified") for name in SIMPLIFIED]
     + [(name, "opset13") for name in OPSET13]
     + [(name, "dynamic") for name in DYNAMIC]
+    + [(name, "dynamo") for name in DYNAMO]
+    + [(name, "dynamo_dynamic") for name in DYNAMO_DYNAMIC]
 )
 
 
@@ -125,7 +134,7 @@ _EXPORTED: dict[tuple[str, str], Path] = {}
 def exported(name: str, variant: str, folder: Path) -> Path:
     """The model exported once per session: as ``export_onnx`` writes it (BN kept), ``folded``
     by the exporter's constant folding, ``simplified`` (shape computations folded), at opset 13,
-    or with a ``dynamic`` batch dim."""
+    with a ``dynamic`` batch dim, or by torch's default ``dynamo`` exporter."""
     key = (name, variant)
     if key not in _EXPORTED:
         path = folder / f"{name}-{variant or 'export'}.onnx"
@@ -135,6 +144,12 @@ def exported(name: str, variant: str, folder: Path) -> Path:
             if variant == "folded":
                 torch.onnx.export(
                     model, (x,), str(path), dynamo=False, do_constant_folding=True, opset_version=17
+                )
+            elif variant.startswith("dynamo"):
+                pytest.importorskip("onnxscript")
+                batch = ({0: torch.export.Dim("batch")},) if variant == "dynamo_dynamic" else None
+                torch.onnx.export(
+                    model, (x,), str(path), dynamo=True, verbose=False, dynamic_shapes=batch
                 )
             elif variant == "simplified":
                 fold_shape_computations(exported(name, "", folder), path)
@@ -207,10 +222,11 @@ def test_half_mask_prunes_exactly(name: str, variant: str, zoo_dir: Path) -> Non
     # the pruned model has exactly the kept channels left to prune
     kept = sum(sum(k) for k in keep.values())
     assert sum(g.channels for g in b.solution.groups if g.prunable) == kept
-    if variant == "dynamic":  # nothing in the pruned file froze the batch
+    if variant in ("dynamic", "dynamo_dynamic"):  # nothing in the pruned file froze the batch
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).standard_normal((3, *ZOO_INPUTS[name])).astype(np.float32)
-        (three,), (one,) = (sess.run(None, {"input": v})[:1] for v in (x, x[:1]))
+        feed = sess.get_inputs()[0].name
+        (three,), (one,) = (sess.run(None, {feed: v})[:1] for v in (x, x[:1]))
         np.testing.assert_allclose(three[:1], one, rtol=1e-4, atol=1e-5)
 
 
