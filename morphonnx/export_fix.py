@@ -57,12 +57,77 @@ def reduplicate(path: str, keys: list[str]) -> None:
     onnx.save(model, path)
 
 
+_INTEGER_TYPES = {onnx.TensorProto.INT32, onnx.TensorProto.INT64}
 _COUNTER = re.compile(r"__\d+")
 _SUFFIX = re.compile(r"(_\d+)+(?=(:\d+)?$)")
 
 
+def _base(name: str) -> str:
+    """``name`` without exporter counters (``__17``, scope suffixes ``_1``)."""
+    return "/".join(_SUFFIX.sub("", c) for c in _COUNTER.sub("", name).split("/"))
+
+
+def _canonical_order(
+    nodes: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """``nodes`` topologically sorted with ties broken by what each node is (counter-free name,
+    op type, and per input: the place of the node that makes it, an integer constant's dims and
+    values, another constant's counter-free name and dims) rather than by the exporter's order:
+    tf2onnx orders
+    independent branches, such as an attention's q, k and v, differently from one export to the
+    next, and names the nodes its rewriters add by a counter only."""
+    import heapq
+
+    from onnx import numpy_helper
+
+    from morphonnx.ir import subgraph_outer_inputs
+
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    place: dict[int, int] = {}
+
+    def source(t: str) -> tuple[object, ...]:
+        if t in producer:
+            made = nodes[producer[t]]
+            return ("node", place[producer[t]], list(made.output).index(t))
+        c = constants.get(t)
+        if c is not None and c.data_type in _INTEGER_TYPES:  # merged by value: named by either
+            return ("ints", tuple(c.dims), numpy_helper.to_array(c).tobytes())
+        if c is not None:
+            return ("const", _base(t), tuple(c.dims))
+        return ("input", t)
+
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = []
+    for i, n in enumerate(nodes):
+        deps = {producer[t] for t in [*n.input, *subgraph_outer_inputs(n)] if t in producer}
+        deps.discard(i)
+        waiting.append(len(deps))
+        for d in deps:
+            users[d].append(i)
+
+    def key(i: int) -> tuple[str, str, str, int]:
+        n = nodes[i]
+        return _base(n.name), n.op_type, repr([source(t) for t in n.input]), i
+
+    ready = [key(i) for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)[-1]
+        place[i] = len(order)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, key(u))
+    if len(order) < len(nodes):  # a cycle: not ours to fix, keep the exporter's order
+        return list(nodes)
+    return [nodes[i] for i in order]
+
+
 def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with exporter counters removed from every node and tensor name but the graph's
+    """A copy with its nodes in a canonical topological order (:func:`_canonical_order`) and
+    exporter counters removed from every node and tensor name but the graph's
     inputs and outputs, and from symbolic dimensions: tf2onnx's process-wide ``__17`` and the
     ``_1`` suffixes TensorFlow gives name scopes traced more than once (``functional_1_1/
     conv2d_1/BiasAdd`` becomes ``functional/conv2d/BiasAdd``). Names that then coincide get
@@ -73,6 +138,9 @@ def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    ordered = _canonical_order(list(g.node), {t.name: t for t in g.initializer})
+    del g.node[:]
+    g.node.extend(ordered)
     fixed = {v.name for v in list(g.input) + list(g.output)}
     tensors: dict[str, str] = {n: n for n in fixed}
     nodes: dict[str, str] = {}
@@ -90,7 +158,7 @@ def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
     def fresh(name: str, table: dict[str, str]) -> str:
         if name not in table:
             raw = alias.get(name, name) if table is tensors else name
-            base = "/".join(_SUFFIX.sub("", c) for c in _COUNTER.sub("", raw).split("/"))
+            base = _base(raw)
             used = set(table.values())
             new, k = base, 0
             while new in used:

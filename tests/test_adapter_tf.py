@@ -326,6 +326,49 @@ def test_fit_callback_adds_the_loss_and_logs_the_cost(tmp_path: Path) -> None:
     assert all(v.regularizer is None for v in model.trainable_weights)  # detached after fit
 
 
+def test_multi_head_attention_exports_alike_and_prunes_heads(tmp_path: Path) -> None:
+    """Keras MultiHeadAttention: tf2onnx orders the q, k and v branches differently from one
+    conversion to the next and merges equal shape constants under either's name; every export
+    of the model still has one fingerprint, per head dim and whole heads are found, and a mask
+    of two of the three heads prunes and verifies."""
+    from morphonnx.api import prune_file
+    from morphonnx.formats import mask_document, write_json
+
+    x = keras.Input((6, 8))
+    h = layers.Dense(12, name="inp")(x)
+    z = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="mha")(h, h)
+    model = keras.Model(x, layers.Dense(5, name="out")(layers.Add()([h, z])))
+    sig = (tf.TensorSpec((1, 6, 8), tf.float32, name="input"),)
+    paths = [tmp_path / f"export{i}.onnx" for i in range(3)]
+    for p in paths:
+        export_onnx(model, sig, p)
+    assert len({analyze(p).fingerprint for p in paths}) == 1
+    dims = analyze(paths[0]).solution.groups
+    assert sorted(g.channels for g in dims if g.prunable) == [4, 4, 12]  # q·k dims, v dims
+    a = analyze(paths[0], attention="heads")
+    (heads,) = [g for g in a.solution.groups if g.prunable and g.channels == 3]
+    write_json(
+        tmp_path / "mask.json",
+        mask_document(a.fingerprint, {heads.id: [True, False, True]}, "heads"),
+    )
+    report = prune_file(paths[1], tmp_path / "mask.json", tmp_path / "pruned.onnx")
+    assert report.verification is not None and report.verification.ok
+
+    def macs(heads: int) -> int:  # inp, q/k/v, q·kᵀ and ·v, attention output, out
+        return (
+            6 * 8 * 12
+            + 3 * 6 * 12 * 4 * heads
+            + 2 * 6 * 6 * 4 * heads
+            + 6 * 4 * heads * 12
+            + 6 * 12 * 5
+        )
+
+    assert (a.totals.macs, report.measured.macs) == (macs(3), macs(2))
+    data = np.random.default_rng(0).normal(size=(1, 6, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": data})[0].shape == (1, 6, 5)
+
+
 def test_export_refuses_constants_mixed_from_several_weights(tmp_path: Path) -> None:
     """A batch norm on a Dense output: tf2onnx folds gamma / sqrt(var + eps) into one constant."""
     x = keras.Input((4,))
