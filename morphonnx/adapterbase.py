@@ -187,13 +187,13 @@ class RegularizerBase:
         """Stage 2's slice plan: (the mask, framework name -> framework axis -> kept indices,
         ascending) for every parameter that loses channels; every member must be bound."""
         keep, cuts = self._cuts(keep, strict=True)
-        shapes = {p.name: p.shape for p in self.binding.params.values()}
+        params = {p.name: p for p in self.binding.params.values()}
         kept: Slices = {}
         for name, axes in cuts.items():
             for axis, dead in axes.items():
                 gone = set(dead)
                 kept.setdefault(name, {})[axis] = [
-                    i for i in range(shapes[name][axis]) if i not in gone
+                    i for i in range(params[name].extent(axis)) if i not in gone
                 ]
         return keep, kept
 

@@ -12,9 +12,10 @@ framework's layout. The adapter keeps export, tensor ops and stage 2.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -104,15 +105,57 @@ class Indices(NamedTuple):
 
 @dataclass(frozen=True)
 class Param:
-    """A spec tensor as the framework holds it."""
+    """A spec tensor as the framework holds it.
+
+    Most exports only permute a parameter's axes (``perm``). Some also reshape it (Keras'
+    MultiHeadAttention kernels ``(E, H, D)`` export as ``(E, H*D)``): then ``view`` is the ONNX
+    shape, and slices, statistics and dead indices are taken on the *view* (the parameter
+    permuted by ``perm``, reshaped to ``view``), whose axes are the ONNX axes."""
 
     name: str  # the framework's own name (state_dict key, Keras variable path)
     shape: tuple[int, ...]  # in the framework's layout
     perm: tuple[int, ...]  # ONNX axis a is framework axis perm[a]
     trainable: bool = True  # a parameter (not a buffer / non-trainable variable)
+    view: tuple[int, ...] | None = None  # the ONNX shape, when the export reshapes it
 
     def axis(self, onnx_axis: int) -> int:
-        return self.perm[onnx_axis]
+        """The axis slices along ONNX ``onnx_axis`` lie on: the framework's, or the view's."""
+        return onnx_axis if self.view is not None else self.perm[onnx_axis]
+
+    def extent(self, axis: int) -> int:
+        """Length of :meth:`axis`'s result."""
+        return (self.view or self.shape)[axis]
+
+    def onnx_shape(self) -> tuple[int, ...] | None:
+        if self.view is not None:
+            return self.view
+        return (
+            tuple(self.shape[a] for a in self.perm) if len(self.perm) == len(self.shape) else None
+        )
+
+    def to_view(self, x: np.ndarray) -> np.ndarray:
+        """A numpy value of the parameter as the axes of :meth:`axis` see it."""
+        return x if self.view is None else np.transpose(x, self.perm).reshape(self.view)
+
+    def from_view(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`to_view` undone."""
+        if self.view is None:
+            return x
+        return x.reshape([self.shape[a] for a in self.perm]).transpose(np.argsort(self.perm))
+
+
+def with_views(params: Mapping[str, Param], spec: Mapping[str, Any]) -> dict[str, Param]:
+    """``params`` with :attr:`Param.view` set where the spec's ONNX shape of a tensor (its
+    ``tensors``) differs from the permuted parameter's but holds as many values."""
+    shapes = spec.get("tensors", {})
+    out = dict(params)
+    for name, p in params.items():
+        want = shapes.get(name)
+        if want is None or tuple(want) == p.onnx_shape():
+            continue
+        if len(p.perm) == len(p.shape) and math.prod(want) == math.prod(p.shape):
+            out[name] = replace(p, view=tuple(int(d) for d in want))
+    return out
 
 
 @dataclass(frozen=True)
@@ -157,6 +200,7 @@ class Binding:
         self.fingerprint: str = self.spec["model"].get("fingerprint", "")
         self.attention = recorded_attention(self.spec, self.where)
         self.groups = select_groups(self.spec, self.options.exclude)
+        self.params = with_views(self.params, self.spec)
         members = {m["tensor"] for g in self.spec["groups"] for m in g["members"]}
         self.unmapped = sorted(members - set(self.params))
         self._check_shapes()
@@ -173,7 +217,7 @@ class Binding:
                     covered.setdefault(key, set()).update(i for p in m["positions"] for i in p)
         for (name, axis), idx in covered.items():
             p = self.params[name]
-            onnx_shape = [p.shape[a] for a in p.perm] if len(p.perm) == len(p.shape) else None
+            onnx_shape = p.onnx_shape()
             if onnx_shape is None or axis >= len(onnx_shape) or len(idx) != onnx_shape[axis]:
                 raise ValueError(
                     f"{self.where}: spec does not fit the model: '{p.name}' has shape "
@@ -213,13 +257,14 @@ class Binding:
         }
 
         def raw(key: tuple[str, int, Stat]) -> bool:  # a 1-D gamma: its statistic is |x|
-            return key[2] == "abs" and len(self.params[key[0]].shape) == 1
+            p = self.params[key[0]]
+            return key[2] == "abs" and len(p.shape) == 1 and p.view is None
 
         self.raw = sum(map(raw, keys))
         self.sources, offset = [], 0
         for tensor, axis, stat in sorted(keys, key=lambda k: not raw(k)):  # raw ones first
             self.sources.append(Source(tensor, axis, stat, offset))
-            offset += self.params[tensor].shape[axis]
+            offset += self.params[tensor].extent(axis)
         base = {(s.tensor, s.axis, s.stat): s.offset for s in self.sources}
         rows: list[list[int]] = []
         group_of: list[int] = []
@@ -260,6 +305,9 @@ class Binding:
         ``tensors``: the framework tensor of each of :attr:`sources`, in order."""
         stats = [abs(ops.cat(tensors[: self.raw]))] if self.raw else []
         for s, x in zip(self.sources[self.raw :], tensors[self.raw :], strict=True):
+            p = self.params[s.tensor]
+            if p.view is not None:
+                x = ops.reshape(ops.transpose(x, p.perm), p.view)
             rows = ops.rows(x, s.axis)
             if s.stat == "abs":
                 stats.append(ops.amax(abs(rows), 1))

@@ -213,9 +213,11 @@ def bind_values(
     """Two exports of one model, each with generic random values (``tags``: name -> array in
     the framework's layout, ``perms``: its axis map) in every variable, as one file with stable
     names and the real ``values``: each constant that equals a variable's tag (in ONNX layout)
-    in both exports becomes that variable, named by it; one that equals it reshaped gets its
-    values under its own name (adapters do not bind it); one that differs between the exports
-    without being either is a mix of weights, refused (its values could not be written)."""
+    in both exports becomes that variable, named by it, also when it holds the variable
+    reshaped (Keras' MultiHeadAttention kernels; adapters then bind it through
+    ``binding.Param.view``), the first such constant of a variable only; one that differs
+    between the exports without being either is a mix of weights, refused (its values could not
+    be written)."""
     from onnx import numpy_helper
 
     from morphonnx.formats import fingerprint
@@ -227,36 +229,35 @@ def bind_values(
     for p, t in tags[0].items():
         by_size.setdefault(t.size, []).append(p)
     other = {t.name: t for t in b.graph.initializer}
-    renames: dict[str, str] = {}
-    mixed: list[str] = []
+    floats = []
     for init in a.graph.initializer:
         x, y = numpy_helper.to_array(init), numpy_helper.to_array(other[init.name])
-        if x.dtype.kind != "f":
-            continue
-        hit = next(
-            (
-                p
-                for p in by_size.get(x.size, [])
-                if tags[0][p].ndim == x.ndim
-                and np.array_equal(tags[0][p].transpose(perms[p]), x)
-                and np.array_equal(tags[1][p].transpose(perms[p]), y)
-                and p not in renames.values()
-            ),
-            None,
-        )
-        view = hit or next(  # a reshaped view (LayerNormalization's gamma as [1, 1, C])
-            (
-                p
-                for p in by_size.get(x.size, [])
-                if np.array_equal(tags[0][p].transpose(perms[p]).reshape(x.shape), x)
-                and np.array_equal(tags[1][p].transpose(perms[p]).reshape(x.shape), y)
-            ),
-            None,
-        )
-        if hit is not None:
-            renames[init.name] = hit
-        if view is not None:
-            real = values[view].transpose(perms[view]).reshape(x.shape)
+        if x.dtype.kind == "f":
+            floats.append((init, x, y))
+
+    def holds(p: str, x: np.ndarray, y: np.ndarray, exact: bool) -> bool:
+        tx, ty = (t[p].transpose(perms[p]) for t in tags)
+        if exact and tx.shape != x.shape:
+            return False
+        return np.array_equal(tx.reshape(x.shape), x) and np.array_equal(ty.reshape(x.shape), y)
+
+    bound: dict[str, tuple[str, bool]] = {}  # constant -> (variable, held in its ONNX shape)
+    for exact in (True, False):
+        for init, x, y in floats:
+            if init.name not in bound:
+                held = next((p for p in by_size.get(x.size, []) if holds(p, x, y, exact)), None)
+                if held is not None:
+                    bound[init.name] = (held, exact)
+    renames: dict[str, str] = {}
+    for exact in (True, False):  # a variable names the first constant holding it, exact first
+        for name, (p, e) in bound.items():
+            if e == exact and p not in renames.values():
+                renames[name] = p
+    mixed: list[str] = []
+    for init, x, y in floats:
+        if init.name in bound:
+            p = bound[init.name][0]
+            real = values[p].transpose(perms[p]).reshape(x.shape)
             init.CopyFrom(numpy_helper.from_array(real, init.name))
         elif not np.array_equal(x, y):
             mixed.append(init.name)

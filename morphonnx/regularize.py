@@ -36,6 +36,7 @@ class ArrayOps:
     count: Callable[[Any], float]  # number of true entries, as a plain float (no gradient)
     cat: Callable[[Sequence[Any]], Any]  # concatenation along axis 0
     reshape: Callable[[Any, tuple[int, ...]], Any]
+    transpose: Callable[[Any, tuple[int, ...]], Any]  # axes permuted: result axis i = x's perm[i]
 
 
 NUMPY = ArrayOps(
@@ -47,6 +48,7 @@ NUMPY = ArrayOps(
     count=lambda x: float(np.sum(x)),
     cat=np.concatenate,
     reshape=np.reshape,
+    transpose=np.transpose,
 )
 
 

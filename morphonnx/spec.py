@@ -104,10 +104,12 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
 
 def build_spec(a: Analysis) -> dict[str, Any]:
     groups = []
+    shapes: dict[str, list[int]] = {}
     for g in a.solution.groups:
         members = []
         for m in g.members:
             tensor, axis = a.graph.stored(m.tensor, m.axis)
+            shapes[tensor] = list(a.graph.shape(tensor) or ())
             members.append(
                 {"tensor": tensor, "axis": axis, "role": m.role, "positions": m.positions}
             )
@@ -144,6 +146,7 @@ def build_spec(a: Analysis) -> dict[str, Any]:
             "complete": a.totals.complete,
             "unknown_ops": a.totals.unknown,
         },
+        "tensors": shapes,
         "groups": groups,
         "costs": cost_terms(a),
     }

@@ -328,12 +328,12 @@ def test_fit_callback_adds_the_loss_and_logs_the_cost(tmp_path: Path) -> None:
 
 def test_multi_head_attention_exports_alike_and_prunes_heads(tmp_path: Path) -> None:
     """Keras MultiHeadAttention: tf2onnx orders the q, k and v branches differently from one
-    conversion to the next and merges equal shape constants under either's name; every export
-    of the model still has one fingerprint, per head dim and whole heads are found, and a mask
-    of two of the three heads prunes and verifies."""
-    from morphonnx.api import prune_file
-    from morphonnx.formats import mask_document, write_json
-
+    conversion to the next and merges equal shape constants under either's name, and exports the
+    (E, H, D) kernels reshaped to (E, H*D). Every export still has one fingerprint; per head dim
+    and whole heads are found; the regularizer binds the kernels through the reshape (a head's
+    group-LASSO value is the largest RMS of its q, k and v columns, computed here from the
+    Keras kernels); its mask of two of three heads prunes and verifies, and the pruned model and
+    the Keras model with the head zeroed agree."""
     x = keras.Input((6, 8))
     h = layers.Dense(12, name="inp")(x)
     z = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="mha")(h, h)
@@ -345,28 +345,38 @@ def test_multi_head_attention_exports_alike_and_prunes_heads(tmp_path: Path) -> 
     assert len({analyze(p).fingerprint for p in paths}) == 1
     dims = analyze(paths[0]).solution.groups
     assert sorted(g.channels for g in dims if g.prunable) == [4, 4, 12]  # q·k dims, v dims
-    a = analyze(paths[0], attention="heads")
-    (heads,) = [g for g in a.solution.groups if g.prunable and g.channels == 3]
-    write_json(
-        tmp_path / "mask.json",
-        mask_document(a.fingerprint, {heads.id: [True, False, True]}, "heads"),
-    )
-    report = prune_file(paths[1], tmp_path / "mask.json", tmp_path / "pruned.onnx")
-    assert report.verification is not None and report.verification.ok
+
+    mha = model.get_layer("mha")
+    kernels = [d.kernel for d in (mha._query_dense, mha._key_dense, mha._value_dense)]
+    for k in kernels:  # (E, H, D): head 1 dies
+        k.assign(k.numpy() * np.array([1, 1e-4, 1], np.float32)[None, :, None])
+    spec = export_spec(model, sig, tmp_path / "spec.json", attention="heads")
+    (heads,) = [g for g in spec["groups"] if g["prunable"] and g["channels"] == 3]
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    assert reg.unmapped == []
+    rms = [np.sqrt((k.numpy().astype(np.float64) ** 2).mean(0)).max(1) for k in kernels]
+    np.testing.assert_allclose(reg.mask().values[heads["id"]], np.max(rms, 0), rtol=1e-6)
+    reg.write_mask(tmp_path / "mask.json")
+    export_onnx(model, sig, tmp_path / "trained.onnx")
+    pruned = tmp_path / "pruned.onnx"
+    assert run_cli("prune", tmp_path / "trained.onnx", "--mask", tmp_path / "mask.json",
+                   "-o", pruned) == 0  # fmt: skip
 
     def macs(heads: int) -> int:  # inp, q/k/v, q·kᵀ and ·v, attention output, out
-        return (
-            6 * 8 * 12
-            + 3 * 6 * 12 * 4 * heads
-            + 2 * 6 * 6 * 4 * heads
-            + 6 * 4 * heads * 12
-            + 6 * 12 * 5
-        )
+        qkv, attention, output = 3 * 6 * 12 * 4 * heads, 2 * 6 * 6 * 4 * heads, 6 * 4 * heads * 12
+        return 6 * 8 * 12 + qkv + attention + output + 6 * 12 * 5
 
-    assert (a.totals.macs, report.measured.macs) == (macs(3), macs(2))
-    data = np.random.default_rng(0).normal(size=(1, 6, 8)).astype(np.float32)
-    sess = ort.InferenceSession(str(tmp_path / "pruned.onnx"), providers=["CPUExecutionProvider"])
-    assert sess.run(None, {"input": data})[0].shape == (1, 6, 5)
+    assert (analyze(paths[0]).totals.macs, analyze(pruned).totals.macs) == (macs(3), macs(2))
+    reg.zero_dead_()
+    assert not mha._value_dense.kernel.numpy()[:, 1].any()
+    assert mha._value_dense.kernel.numpy()[:, [0, 2]].all()
+    data = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
+    for row in data:
+        got = sess.run(None, {"input": row[None]})[0]
+        np.testing.assert_allclose(got, model(row[None]).numpy(), atol=1e-5)
+    with pytest.raises(TypeError, match="exported reshaped"):
+        reg.slice_model()
 
 
 def test_export_refuses_constants_mixed_from_several_weights(tmp_path: Path) -> None:

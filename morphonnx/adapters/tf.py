@@ -39,6 +39,7 @@ def tf_ops() -> Any:
         count=lambda x: float(tf.reduce_sum(tf.cast(x, tf.float64))),
         cat=lambda xs: tf.concat(xs, 0),
         reshape=tf.reshape,
+        transpose=tf.transpose,
     )
 
 
@@ -148,10 +149,11 @@ class Regularizer(RegularizerBase):
         parameters and statistics): the model then computes what the pruned ONNX computes."""
         keep, cuts = self._cuts(keep, strict=True)
         for path, axes in cuts.items():
-            value = self._vars[path].numpy()
+            p = self.binding.params[path]
+            value = p.to_view(self._vars[path].numpy())
             for axis, idx in axes.items():
                 value[(slice(None),) * axis + (np.asarray(idx),)] = 0
-            self._vars[path].assign(value)
+            self._vars[path].assign(p.from_view(value))
         return keep
 
     def slice_model(self, keep: Any = None) -> Any:
@@ -159,6 +161,13 @@ class Regularizer(RegularizerBase):
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
         computes. A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
         _, kept = self._kept(keep)
+        reshaped = sorted(p for p in kept if self.binding.params[p].view is not None)
+        if reshaped:
+            raise TypeError(
+                f"slice_model: cannot slice {', '.join(reshaped)}: exported reshaped (e.g. "
+                "MultiHeadAttention's kernels), so no layer config gives the sliced shape; prune "
+                "the ONNX model instead"
+            )
         values = {}
         for path, v in self._vars.items():
             value = v.numpy()

@@ -47,6 +47,7 @@ def torch_ops() -> Any:
         count=lambda x: float(x.sum().item()),
         cat=lambda xs: torch.cat(list(xs)),
         reshape=torch.reshape,
+        transpose=torch.permute,
     )
 
 
