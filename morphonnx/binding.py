@@ -143,6 +143,28 @@ class Param:
             return x
         return x.reshape([self.shape[a] for a in self.perm]).transpose(np.argsort(self.perm))
 
+    def sliced(self, x: np.ndarray, kept: Mapping[int, Sequence[int]]) -> np.ndarray:
+        """``x`` (framework layout) keeping only the ``kept`` indices along :meth:`axis`'s axes,
+        in framework layout. Through a view, the kept entries must be whole slices of the
+        framework's axes (a head of a ``(E, H, D)`` kernel seen as ``(E, H*D)``); else a
+        ``ValueError``."""
+        if self.view is None:
+            for axis, idx in kept.items():
+                x = np.take(x, idx, axis)
+            return x
+        permuted = [self.shape[a] for a in self.perm]
+        where = np.arange(math.prod(permuted)).reshape(permuted)
+        picked = where.reshape(self.view)
+        for axis, idx in kept.items():
+            picked = np.take(picked, idx, axis)
+        coords = np.unravel_index(picked.reshape(-1), permuted)
+        keep = np.ix_(*[np.unique(c) for c in coords])
+        if where[keep].size != picked.size or not np.array_equal(
+            where[keep].ravel(), picked.ravel()
+        ):
+            raise ValueError(f"'{self.name}': the kept slices are no whole slices of its axes")
+        return np.transpose(x, self.perm)[keep].transpose(np.argsort(self.perm))
+
 
 def with_views(params: Mapping[str, Param], spec: Mapping[str, Any]) -> dict[str, Param]:
     """``params`` with :attr:`Param.view` set where the spec's ONNX shape of a tensor (its

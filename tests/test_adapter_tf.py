@@ -375,8 +375,41 @@ def test_multi_head_attention_exports_alike_and_prunes_heads(tmp_path: Path) -> 
     for row in data:
         got = sess.run(None, {"input": row[None]})[0]
         np.testing.assert_allclose(got, model(row[None]).numpy(), atol=1e-5)
-    with pytest.raises(TypeError, match="exported reshaped"):
-        reg.slice_model()
+    small = reg.slice_model()
+    assert small.get_layer("mha").get_config()["num_heads"] == 2
+    np.testing.assert_allclose(small(data).numpy(), model(data).numpy(), atol=1e-5)
+
+
+def test_depthwise_with_a_channel_multiplier(tmp_path: Path) -> None:
+    """DepthwiseConv2D(depth_multiplier=2): the (kh, kw, C, 2) kernel exports as (2C, 1, kh, kw),
+    a reshape: the input channel's two filters die with it, in the zeroed model, the sliced one
+    and the pruned ONNX alike."""
+    x = keras.Input((6, 6, 3))
+    y = bn_relu(conv(4, 3, name="c1")(x))
+    y = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=False, name="dw")(y)
+    model = keras.Model(x, layers.Dense(2, name="fc")(layers.GlobalAveragePooling2D()(bn_relu(y))))
+    spec = export_spec(model, signature(6), tmp_path / "spec.json")
+    assert spec["tensors"]["dw/kernel"] == [8, 1, 3, 3]
+    bns = [v for v in model.weights if v.path.endswith("gamma")]
+    bns[0].assign(np.array([1.0, 1e-4, 0.7, 1.2], np.float32))
+    bns[1].assign(np.array([1, 1, 1e-4, 1e-4, 1, 1, 1, 1], np.float32))  # channel 1's two
+    reg = Regularizer(model, tmp_path / "spec.json")
+    assert [list(k) for k in reg.mask().keep.values()] == [[True, False, True, True]]
+    reg.write_mask(tmp_path / "mask.json")
+    export_onnx(model, signature(6), tmp_path / "trained.onnx")
+    pruned = tmp_path / "pruned.onnx"
+    assert run_cli("prune", tmp_path / "trained.onnx", "--mask", tmp_path / "mask.json",
+                   "-o", pruned) == 0  # fmt: skip
+    reg.zero_dead_()
+    kernel = model.get_layer("dw").kernel.numpy()
+    assert not kernel[:, :, 1].any() and kernel[:, :, [0, 2, 3]].all()
+    small = reg.slice_model()
+    assert tuple(small.get_layer("dw").kernel.shape) == (3, 3, 3, 2)
+    data = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    want = model(data).numpy()
+    np.testing.assert_allclose(small(data).numpy(), want, atol=1e-5)
+    sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": data})[0], want, atol=1e-5)
 
 
 def test_export_refuses_constants_mixed_from_several_weights(tmp_path: Path) -> None:

@@ -161,19 +161,12 @@ class Regularizer(RegularizerBase):
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
         computes. A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
         _, kept = self._kept(keep)
-        reshaped = sorted(p for p in kept if self.binding.params[p].view is not None)
-        if reshaped:
-            raise TypeError(
-                f"slice_model: cannot slice {', '.join(reshaped)}: exported reshaped (e.g. "
-                "MultiHeadAttention's kernels), so no layer config gives the sliced shape; prune "
-                "the ONNX model instead"
-            )
         values = {}
         for path, v in self._vars.items():
-            value = v.numpy()
-            for axis, idx in kept.get(path, {}).items():
-                value = np.take(value, idx, axis)
-            values[path] = value
+            try:
+                values[path] = self.binding.params[path].sliced(v.numpy(), kept.get(path, {}))
+            except ValueError as exc:
+                raise TypeError(f"slice_model: cannot slice {exc}") from None
         config = self.model.get_config()
         if not isinstance(config, dict) or "layers" not in config:
             raise TypeError("slice_model needs a functional or Sequential Keras model")
@@ -190,8 +183,8 @@ class Regularizer(RegularizerBase):
                 raise TypeError(
                     f"slice_model: cannot resize layer '{layer.name}' "
                     f"({type(layer).__name__}) to {shapes}; covered: Conv*/SeparableConv*/"
-                    "DepthwiseConv*/Conv*Transpose, Dense, BatchNormalization and layers sized "
-                    "by their input"
+                    "DepthwiseConv*/Conv*Transpose, Dense, MultiHeadAttention, BatchNormalization "
+                    "and layers sized by their input"
                 )
             new.set_weights([values[v.path] for v in layer.weights])
         return small
@@ -210,4 +203,7 @@ def _resized(layer: Any, values: dict[str, np.ndarray]) -> dict[str, int]:
         return {"filters": values[layer.kernel.path].shape[-1]}
     if isinstance(layer, layers.Dense):
         return {"units": values[layer.kernel.path].shape[-1]}
+    if isinstance(layer, layers.MultiHeadAttention):  # kernels (E, H, D); output (H, D, E)
+        q, v = (values[d.kernel.path].shape for d in (layer._query_dense, layer._value_dense))
+        return {"num_heads": q[1], "key_dim": q[2], "value_dim": v[2]}
     return {}
