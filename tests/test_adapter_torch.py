@@ -713,6 +713,18 @@ def test_spec_of_another_width_is_refused(tmp_path: Path) -> None:
         Regularizer(TinyResNet(width=16), spec)
 
 
+def test_spec_with_reshaped_shapes_is_refused(tmp_path: Path) -> None:
+    """torch's exports write parameters as they are: a spec saying a parameter was reshaped
+    (as Keras' attention kernels are) comes from another export, and slicing it as if it were
+    torch's would cut the wrong entries."""
+    model = Chain()
+    spec = json.loads(_spec(model, torch.randn(1, 3, 6, 6), tmp_path).read_text())
+    c, i, kh, kw = spec["tensors"]["conv1.weight"]
+    spec["tensors"]["conv1.weight"] = [c, i, kh * kw]
+    with pytest.raises(ValueError, match="spec shapes differ from the model's for conv1.weight"):
+        Regularizer(model, spec)
+
+
 def test_spec_of_another_architecture_lists_missing_parameters(tmp_path: Path) -> None:
     spec = _spec(ALL_MODELS["tiny_mobilenet_v2"](), example_input("tiny_mobilenet_v2"), tmp_path)
     with pytest.raises(ValueError, match="not parameters of the model") as err:

@@ -62,6 +62,12 @@ class Regularizer(RegularizerBase):
 
     def __init__(self, model: torch.nn.Module, spec: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, spec, *args, **kwargs)
+        reshaped = sorted(p.name for p in self.binding.params.values() if p.view is not None)
+        if reshaped:  # torch's exports write parameters as they are (transposed at most)
+            raise ValueError(
+                f"{self.where}: spec shapes differ from the model's for {', '.join(reshaped)} "
+                "(is the spec from another export?)"
+            )
         self._sources = {
             s.tensor: _get(self._bare, self._names[s.tensor]) for s in self.binding.sources
         }
