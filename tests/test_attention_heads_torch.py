@@ -86,6 +86,25 @@ class GroupedQueryAttention(nn.Module):
         return self.o((att @ v).transpose(1, 2).reshape(b, n, h * d))
 
 
+class MultiQueryAttention(nn.Module):
+    """Multi-query attention (PaLM, Falcon): one k and one v head shared by every q head,
+    broadcast in q·kᵀ and ·v (``[B, 1, N, D]`` against ``[B, H, N, D]``)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q, self.o = nn.Linear(dim, heads * head_dim), nn.Linear(heads * head_dim, dim)
+        self.k, self.v = nn.Linear(dim, head_dim), nn.Linear(dim, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, d = self.heads, self.head_dim
+        q = self.q(x).view(b, n, h, d).transpose(1, 2)
+        k, v = (p(x).view(b, n, 1, d).transpose(1, 2) for p in (self.k, self.v))
+        att = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, n, h * d))
+
+
 class Block(nn.Module):
     """Linear in, attention with a residual add, Linear out (E = heads·head_dim for torch's
     MultiheadAttention); BERT's attention also reads the mask input."""
@@ -214,6 +233,40 @@ def test_grouped_query_attention(dynamic: bool, tmp_path: Path) -> None:
         assert attention_heads(b) == {kept}
     dims = analyze(path).solution
     assert [g.channels for g in dims.groups if g.prunable] == [12, 3, 3]
+    prune_verified(path, seeds=(0,))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_multi_query_attention(dynamic: bool, tmp_path: Path) -> None:
+    """Whole q heads prune while the one shared k and v head (broadcast against them) stays,
+    with that reason; MACs by hand. Per head dim, q·k dims and v dims prune as usual."""
+    from morphonnx.adapters.torch import export_onnx
+
+    torch.manual_seed(0)
+    model = Block(MultiQueryAttention(12, 4, 3)).eval()
+    path = tmp_path / "mqa.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(1, 6, 8), path, dynamic_batch=dynamic)
+    proj = ("/attn/o/Transpose_output_0", 0)
+    sol = analyze(path, attention="heads").solution
+    g = group_of(sol, *proj)
+    assert g.prunable and g.channels == 4
+    assert member(g, *proj).positions == head_blocks(4, 3)
+    shared = [h for h in sol.groups if "one shared head" in (h.reason or "")]
+    assert sorted(h.channels for h in shared) == [3, 3] and not any(h.prunable for h in shared)
+    masks = dropping(*proj)
+    a = analyze(path, attention="heads")
+    for seed, pruned in enumerate(prune_verified(path, (0, 1), "heads", masks)):
+        kept = sum(masks(a, seed)[g.id])
+        b = analyze(saved(pruned, tmp_path / "pruned.onnx"))
+        q_o = 2 * 6 * 12 * 3 * kept  # q and output projections
+        k_v = 2 * 6 * 12 * 3
+        attn = 2 * 6 * 6 * 3 * kept
+        assert b.totals.macs == 6 * 8 * 12 + q_o + k_v + attn + 6 * 12 * 5
+        assert attention_heads(b) == {kept}
+    dims = analyze(path).solution
+    assert sorted(g.channels for g in dims.groups if g.prunable) == [3, 3, 12]
     prune_verified(path, seeds=(0,))
 
 

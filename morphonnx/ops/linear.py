@@ -124,7 +124,9 @@ def matmul_activations(ctx: RuleContext) -> None:
     """MatMul of two computed tensors (attention). Channels on the contracted axis (q·kᵀ over the
     head dim) tie the two sides and leave the output (removing a channel that is zero on one
     side removes a zero term); channels on a's rows, b's columns or a batch axis (heads) pass to
-    the output, tied with the other side's batch axis when it is not broadcast."""
+    the output, tied with the other side's batch axis when it is not broadcast. A side broadcast
+    along the other's channel axis (one k head shared by every q head) stops its own channels
+    instead of meeting the other's."""
     a, b = ctx.input(0), ctx.input(1)
     out = ctx.outputs[0]
     ra, rb, r = ctx.rank(a), ctx.rank(b), ctx.rank(out)
@@ -132,6 +134,30 @@ def matmul_activations(ctx: RuleContext) -> None:
     if ra < 2 or rb < 2 or (ca is None and cb is None):
         ctx.stop_all(f"MatMul at {ctx.where()} multiplies computed tensors (channels mix)")
         return
+    oa = None if ca is None else (r - 2 if ca == ra - 2 else ca + r - ra)
+    ob = None if cb is None else (r - 1 if cb == rb - 1 else cb + r - rb)
+
+    def broadcast(t: str, rank: int, o: int | None) -> bool:
+        """``t`` has no extent along output axis ``o`` (size 1 or absent): broadcast there."""
+        local = -1 if o is None else o - (r - rank)
+        return o is not None and o < r - 2 and (local < 0 or ctx.shape(t)[local] == 1)
+
+    # A side broadcast along the other's channel axis (multi-query attention's one k and v head
+    # against q's heads) cannot follow those channels: its own stop, the other's pass.
+    for side in (0, 1):
+        t, rank, own, own_out, other_out = (a, ra, ca, oa, ob) if side == 0 else (b, rb, cb, ob, oa)
+        contracted = own == (rank - 1 if side == 0 else rank - 2)
+        if own is not None and other_out is not None and broadcast(t, rank, other_out):
+            if contracted or own_out != other_out:
+                ctx.stop(
+                    ctx.ch.by_key[(t, own)],
+                    f"MatMul at {ctx.where()} broadcasts `{t}` against the channels of the "
+                    "other side (one shared head)",
+                )
+                if t == a:
+                    ca, oa = None, None
+                else:
+                    cb, ob = None, None
     if ca == ra - 1 or cb == rb - 2:
         sa, sb = ctx.channels_of(a, ra - 1), ctx.channels_of(b, rb - 2)
         ctx.same(sa, sb)
@@ -143,8 +169,6 @@ def matmul_activations(ctx: RuleContext) -> None:
             )
         ctx.no_channels(f"MatMul at {ctx.where()} contracts the channels of `{a}`")
         return
-    oa = None if ca is None else (r - 2 if ca == ra - 2 else ca + r - ra)
-    ob = None if cb is None else (r - 1 if cb == rb - 1 else cb + r - rb)
     if oa is not None and ob is not None and oa != ob:
         ctx.stop_all(f"MatMul at {ctx.where()} would carry channels on two axes of `{out}`")
         return
