@@ -73,9 +73,9 @@ def _canonical_order(
     """``nodes`` topologically sorted with ties broken by what each node is (counter-free name,
     op type, and per input: the place of the node that makes it, an integer constant's dims and
     values, another constant's counter-free name and dims) rather than by the exporter's order:
-    tf2onnx orders
-    independent branches, such as an attention's q, k and v, differently from one export to the
-    next, and names the nodes its rewriters add by a counter only."""
+    tf2onnx orders independent branches, such as an attention's q, k and v, differently from one
+    export to the next, and names the nodes its rewriters add by a counter only. Float constants
+    go by name, not value: the two tagged conversions hold different values in them."""
     import heapq
 
     from onnx import numpy_helper
@@ -127,8 +127,8 @@ def _canonical_order(
 
 def strip_counters(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with its nodes in a canonical topological order (:func:`_canonical_order`) and
-    exporter counters removed from every node and tensor name but the graph's
-    inputs and outputs, and from symbolic dimensions: tf2onnx's process-wide ``__17`` and the
+    exporter counters removed from every node and tensor name but the graph's inputs and
+    outputs, and from symbolic dimensions: tf2onnx's process-wide ``__17`` and the
     ``_1`` suffixes TensorFlow gives name scopes traced more than once (``functional_1_1/
     conv2d_1/BiasAdd`` becomes ``functional/conv2d/BiasAdd``). Names that then coincide get
     ``__1``, ``__2``... in the order nodes read or write them; a constant several nodes read is
