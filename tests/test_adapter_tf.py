@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +411,46 @@ def test_depthwise_with_a_channel_multiplier(tmp_path: Path) -> None:
     np.testing.assert_allclose(small(data).numpy(), want, atol=1e-5)
     sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"input": data})[0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("k2", [1, 3])
+def test_folded_slice_computes_the_trained_function(k2: int, tmp_path: Path) -> None:
+    """Dead channels with gammas exactly zero output their batch-norm shift: the folded slice
+    adds it, through conv2 (a bias created: it had none), to the next biases, so it computes
+    what the model computes (1x1 conv2: exactly; 3x3: away from the zero-padded border, with a
+    warning); the plain slice loses the shifts."""
+    x = keras.Input((6, 6, 3))
+    y = layers.ReLU()(layers.BatchNormalization(name="bn1")(conv(4, 3, name="conv1")(x)))
+    y = layers.ReLU()(layers.BatchNormalization(name="bn2")(conv(5, k2, name="conv2")(y)))
+    model = keras.Model(x, layers.Dense(2, name="fc")(layers.GlobalAveragePooling2D()(y)))
+    rng = np.random.default_rng(0)
+    for bn, dead in ((model.get_layer("bn1"), [1, 3]), (model.get_layer("bn2"), [2])):
+        gamma = rng.uniform(0.5, 1.5, bn.gamma.shape).astype(np.float32)
+        gamma[dead] = 0
+        bn.gamma.assign(gamma)
+        bn.beta.assign(rng.uniform(0.2, 1.0, bn.beta.shape).astype(np.float32))
+    export_spec(model, signature(6), tmp_path / "spec.json")
+    reg = Regularizer(model, tmp_path / "spec.json")
+    data = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    want = model(data).numpy()
+    plain = reg.slice_model()(data).numpy()
+    if k2 == 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            small = reg.slice_model(fold_constants=True)
+        np.testing.assert_allclose(small(data).numpy(), want, atol=1e-5)
+    else:
+        with pytest.warns(UserWarning, match="zero-padded borders"):
+            small = reg.slice_model(fold_constants=True)
+        # the interior of conv2 sees every tap of the dead channels' constant relu(beta)
+        w = model.get_layer("conv2").kernel.numpy()[:, :, [1, 3]][..., [0, 1, 3, 4]]
+        dead = np.maximum(model.get_layer("bn1").beta.numpy()[[1, 3]], 0)
+        np.testing.assert_allclose(
+            small.get_layer("conv2").bias.numpy(), np.einsum("hwio,i->o", w, dead), rtol=1e-5
+        )
+    assert small.get_layer("conv1").kernel.shape[-1] == 2
+    assert small.get_layer("conv2").bias is not None
+    assert np.abs(plain - want).max() > 1e-2
 
 
 def test_export_refuses_constants_mixed_from_several_weights(tmp_path: Path) -> None:

@@ -156,11 +156,18 @@ class Regularizer(RegularizerBase):
             self._vars[path].assign(p.from_view(value))
         return keep
 
-    def slice_model(self, keep: Any = None) -> Any:
+    def slice_model(
+        self, keep: Any = None, fold_constants: bool = False, input_signature: Any = None
+    ) -> Any:
         """A new functional (or Sequential) Keras model with the dead channels removed: layer
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
-        computes. A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
-        _, kept = self._kept(keep)
+        computes. ``fold_constants``: each dead channel's constant output is added to the biases
+        of the layers it feeds (as ``morphonnx prune --fold-constants``; a bias is created where
+        a layer has none; exact away from zero-padded borders, which a warning sizes), found on
+        an export of the current model with ``input_signature`` (default: float32 inputs of the
+        spec's shapes). A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
+        keep, kept = self._kept(keep)
+        folds = self._folds(keep, input_signature) if fold_constants else {}
         values = {}
         for path, v in self._vars.items():
             try:
@@ -175,10 +182,20 @@ class Regularizer(RegularizerBase):
                 conf.pop("build_config", None)  # built again from the (sliced) inputs
                 layer = self.model.get_layer(conf["config"]["name"])
                 conf["config"].update(_resized(layer, values))
+                if layer.name in folds:
+                    conf["config"]["use_bias"] = True
         small = type(self.model).from_config(config)
         for layer in self.model.layers:
             new = small.get_layer(layer.name)
-            shapes = [values[v.path].shape for v in layer.weights]
+            weights = [values[v.path] for v in layer.weights]
+            if layer.name in folds:
+                delta = folds[layer.name].astype(np.float32)
+                if getattr(layer, "bias", None) is None:
+                    weights.append(delta)  # Keras puts the bias last
+                else:
+                    at = [v.path for v in layer.weights].index(layer.bias.path)
+                    weights[at] = weights[at] + delta
+            shapes = [w.shape for w in weights]
             if [tuple(w.shape) for w in new.weights] != shapes:
                 raise TypeError(
                     f"slice_model: cannot resize layer '{layer.name}' "
@@ -186,8 +203,24 @@ class Regularizer(RegularizerBase):
                     "DepthwiseConv*/Conv*Transpose, Dense, MultiHeadAttention, BatchNormalization "
                     "and layers sized by their input"
                 )
-            new.set_weights([values[v.path] for v in layer.weights])
+            new.set_weights(weights)
         return small
+
+    def _folds(self, keep: Any, input_signature: Any) -> dict[str, np.ndarray]:
+        """Layer name -> what its bias must add (``RegularizerBase._bias_deltas``)."""
+        import tensorflow as tf
+
+        sig = input_signature or tuple(
+            tf.TensorSpec(shape, tf.float32, name=name)
+            for name, shape in self.spec["model"]["inputs"].items()
+        )
+        owner = {v.path: layer for layer in self.model.layers for v in layer.weights}
+        folds: dict[str, np.ndarray] = {}
+        export = lambda p: export_onnx(self.model, sig, p)  # noqa: E731
+        for weight, delta in self._bias_deltas(keep, export):
+            name = owner[weight].name
+            folds[name] = folds.get(name, 0) + delta
+        return folds
 
 
 def _resized(layer: Any, values: dict[str, np.ndarray]) -> dict[str, int]:
