@@ -137,9 +137,13 @@ def _heads(b: Builder, t: str, heads: int, dim: int, perm: list[int]) -> str:
 
 def rotary(b: Builder, q: str, n: int, dim: int) -> str:
     """What modern attention does to q per head before q·kᵀ: a norm over the head dim
-    (qk-norm), rotary position embeddings (``q * cos + rotate_half(q) * sin``: halves sliced,
-    one negated, concatenated back), a scale multiplied from the left."""
-    q = b.node("LayerNormalization", [q, b.init("qn.w", [dim]), b.init("qn.b", [dim])], axis=-1)
+    (qk-norm: LayerNormalization, or RMSNormalization from opset 23), rotary position embeddings
+    (``q * cos + rotate_half(q) * sin``: halves sliced, one negated, concatenated back), a scale
+    multiplied from the left."""
+    if b.opset >= 23:
+        q = b.node("RMSNormalization", [q, b.init("qn.w", [dim])], axis=-1)
+    else:
+        q = b.node("LayerNormalization", [q, b.init("qn.w", [dim]), b.init("qn.b", [dim])], axis=-1)
     half = [b.ints(f"h{i}", [v]) for i, v in enumerate((0, dim // 2, dim))]
     axis = b.ints("last", [-1])
     first, second = (b.node("Slice", [q, s, e, axis]) for s, e in zip(half, half[1:], strict=False))

@@ -31,6 +31,9 @@ class Builder:
     def __init__(self, opset: int = 17, *, ir_version: int = 8, seed: int = 0) -> None:
         self.opset = opset
         self.ir_version = ir_version
+        if opset > 20:  # an opset newer than IR 8 allows (23 needs IR 11) raises it
+            needed = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+            self.ir_version = max(ir_version, needed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []

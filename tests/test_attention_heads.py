@@ -102,12 +102,20 @@ def test_whole_heads(opset: int, dynamic: bool, form: str, tmp_path: Path) -> No
         assert b.totals.macs == attention_macs(kept, dim)
 
 
+@pytest.mark.parametrize(
+    ("norm", "opset"), [("LayerNormalization", 17), ("RMSNormalization", 23)], ids=["ln", "rms"]
+)
 @pytest.mark.parametrize("form", ["separate", "fused5d"])
-def test_whole_heads_through_qk_norm_and_rotary(form: str, tmp_path: Path) -> None:
-    """q through a norm over the head dim, rotary embeddings (slices of the head dim, Neg,
-    Concat) and a scale multiplied from the left still reaches q·kᵀ with its heads on the batch
-    axis: whole heads, pruned and verified."""
-    path = attention(17, True, form, 3, 4, extras=True).save(tmp_path)
+def test_whole_heads_through_qk_norm_and_rotary(
+    form: str, norm: str, opset: int, tmp_path: Path
+) -> None:
+    """q through a norm over the head dim (``norm``), rotary embeddings (slices of the head dim,
+    Neg, Concat) and a scale multiplied from the left still reaches q·kᵀ with its heads on the
+    batch axis: whole heads, pruned and verified; per head dim, the norm stops q's dims."""
+    path = attention(opset, True, form, 3, 4, extras=True).save(tmp_path)
+    assert norm in {n.op_type for n in onnx.load(str(path)).graph.node}
+    dims = analyze(path).solution
+    assert any(f"{norm} at node" in (g.reason or "") for g in dims.groups)
     g = group_of(analyze(path, attention="heads").solution, "proj.weight", 0)
     assert g.prunable and g.channels == 3
     assert member(g, "proj.weight", 0).positions == head_blocks(3, 4)

@@ -25,6 +25,7 @@ from morphonnx.channels import Channels, RuleContext
 from morphonnx.ir import Node
 from morphonnx.ops.common import follows_input, mixes, mixing, passthrough
 from morphonnx.ops.kind import OpKind
+from morphonnx.ops.normalization import normalized_from
 from morphonnx.ops.rewrite import RewriteContext
 
 Granularity = Literal["positions", "blocks", "heads"]
@@ -174,7 +175,8 @@ def _head_axis_after(ctx: RuleContext, node: Node, t: str, a: int) -> tuple[str,
         if g == a:
             return None
         return out, a + (len(out_shape) - len(shape) if a > g else 0)
-    if op == "LayerNormalization" and a >= int(node.attr("axis", -1)) % len(shape):
+    first = normalized_from(node, len(shape))
+    if first is not None and a >= first:
         return None
     if op not in _KEEPS_HEADS:
         return None
@@ -185,7 +187,8 @@ def _head_axis_after(ctx: RuleContext, node: Node, t: str, a: int) -> tuple[str,
 _ANY_INPUT = frozenset("MatMul Mul Div Add Sub Concat".split())
 """Ops that may read the heads on any input (others: on input 0)."""
 _KEEPS_HEADS = frozenset(
-    """Split Slice Concat Expand Mul Div Add Sub Neg Cast Identity LayerNormalization""".split()
+    """Split Slice Concat Expand Mul Div Add Sub Neg Cast Identity LayerNormalization
+    RMSNormalization""".split()
 )
 """Ops that may stand between a head split and attention's MatMuls with each head's data on
 the same axis (scaling, rotary embeddings, per-head norms); a cut of that axis (Split, Slice,
@@ -208,7 +211,7 @@ def _statistics_over(ctx: RuleContext, tensor: str, axis: int) -> bool:
                 return True
         elif op == "InstanceNormalization" and axis >= 2:
             return True
-        elif op == "LayerNormalization" and axis >= int(node.attr("axis", -1)) % rank:
+        elif (first := normalized_from(node, rank)) is not None and axis >= first:
             return True
         elif op == "MeanVarianceNormalization":
             if axis in [int(v) % rank for v in node.attr("axes", [0, 2, 3])]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from morphonnx.channels import Role, RuleContext
+from morphonnx.ir import Node
 from morphonnx.ops.common import follows_input, mixes, mixing, passthrough
 from morphonnx.ops.kind import OpKind
 from morphonnx.ops.rewrite import RewriteContext
@@ -30,10 +31,20 @@ def normalization(ctx: RuleContext) -> None:
             ctx.stop(src, f"{ctx.node.op_type} at {ctx.where()} has a non-constant parameter `{t}`")
 
 
+def normalized_from(node: Node, rank: int) -> int | None:
+    """The first axis LayerNormalization / RMSNormalization normalize (with every later one);
+    None for any other op."""
+    if node.op_type not in ("LayerNormalization", "RMSNormalization"):
+        return None
+    return int(node.attr("axis", -1)) % rank
+
+
 @follows_input
 def layer_norm(ctx: RuleContext, x: str, a: int) -> None:
-    """LayerNormalization mixes the axes from ``axis`` on; other axes pass."""
-    if a >= int(ctx.node.attr("axis", -1)) % ctx.rank(x):
+    """LayerNormalization / RMSNormalization mix the axes from ``axis`` on; other axes pass
+    (their scale and bias span the normalized axes: no per-channel parameters)."""
+    first = normalized_from(ctx.node, ctx.rank(x))
+    if first is not None and a >= first:
         mixes(ctx, "normalizes over the channel axis (channels mix)")
         return
     passthrough(ctx, a, ctx.outputs[:1])
@@ -98,6 +109,7 @@ KINDS = (
     OpKind("BatchNormalization", normalization, per_channel=True, divisors=(4,)),
     OpKind("InstanceNormalization", normalization, per_channel=True),
     OpKind("LayerNormalization", layer_norm),
+    OpKind("RMSNormalization", layer_norm),
     OpKind("LpNormalization", lp_norm),
     OpKind("MeanVarianceNormalization", mvn),
     OpKind(
