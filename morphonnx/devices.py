@@ -107,7 +107,8 @@ class Curve:
 
 
 def _saturating(x: float, half: float) -> float:
-    return x / (x + half) if half > 0 and x > 0 else 1.0
+    """``x / (x + half)``, written so that every rounding step is monotone in ``x``."""
+    return 1.0 / (1.0 + half / x) if half > 0 and x > 0 else 1.0
 
 
 @dataclass(frozen=True)
