@@ -381,6 +381,39 @@ def test_multi_head_attention_exports_alike_and_prunes_heads(tmp_path: Path) -> 
     np.testing.assert_allclose(small(data).numpy(), model(data).numpy(), atol=1e-5)
 
 
+def test_multi_head_attention_per_head_dim(tmp_path: Path) -> None:
+    """Per head dim: a q·k dim and a v dim die in every head; the sliced MultiHeadAttention gets
+    key_dim and value_dim 3, and since Keras scales q·kᵀ by 1/sqrt(key_dim) from its config, q
+    absorbs the change: sliced, zeroed and pruned ONNX compute the same."""
+    x = keras.Input((6, 8))
+    h = layers.Dense(12, name="inp")(x)
+    z = layers.MultiHeadAttention(num_heads=3, key_dim=4, name="mha")(h, h)
+    model = keras.Model(x, layers.Dense(5, name="out")(layers.Add()([h, z])))
+    sig = (tf.TensorSpec((1, 6, 8), tf.float32, name="input"),)
+    mha = model.get_layer("mha")
+    for dense, dead in ((mha._query_dense, 1), (mha._key_dense, 1), (mha._value_dense, 3)):
+        scale = np.ones(4, np.float32)
+        scale[dead] = 1e-4
+        dense.kernel.assign(dense.kernel.numpy() * scale)
+    export_spec(model, sig, tmp_path / "spec.json")
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    assert sorted(sum(not k for k in keep) for keep in reg.mask().keep.values()) == [0, 1, 1]
+    reg.write_mask(tmp_path / "mask.json")
+    export_onnx(model, sig, tmp_path / "trained.onnx")
+    pruned = tmp_path / "pruned.onnx"
+    assert run_cli("prune", tmp_path / "trained.onnx", "--mask", tmp_path / "mask.json",
+                   "-o", pruned) == 0  # fmt: skip
+    reg.zero_dead_()
+    small = reg.slice_model()
+    config = small.get_layer("mha").get_config()
+    assert (config["num_heads"], config["key_dim"], config["value_dim"]) == (3, 3, 3)
+    data = np.random.default_rng(0).normal(size=(1, 6, 8)).astype(np.float32)
+    want = model(data).numpy()
+    np.testing.assert_allclose(small(data).numpy(), want, atol=1e-5)
+    sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": data})[0], want, atol=1e-5)
+
+
 def test_depthwise_with_a_channel_multiplier(tmp_path: Path) -> None:
     """DepthwiseConv2D(depth_multiplier=2): the (kh, kw, C, 2) kernel exports as (2C, 1, kh, kw),
     a reshape: the input channel's two filters die with it, in the zeroed model, the sliced one

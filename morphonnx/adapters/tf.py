@@ -182,6 +182,7 @@ class Regularizer(RegularizerBase):
                 conf.pop("build_config", None)  # built again from the (sliced) inputs
                 layer = self.model.get_layer(conf["config"]["name"])
                 conf["config"].update(_resized(layer, values))
+                _keep_attention_scale(layer, conf["config"], values)
                 if layer.name in folds:
                     conf["config"]["use_bias"] = True
         small = type(self.model).from_config(config)
@@ -221,6 +222,20 @@ class Regularizer(RegularizerBase):
             name = owner[weight].name
             folds[name] = folds.get(name, 0) + delta
         return folds
+
+
+def _keep_attention_scale(layer: Any, config: dict[str, Any], values: dict[str, Any]) -> None:
+    """MultiHeadAttention scales q·kᵀ by ``1/sqrt(key_dim)`` from its config: with fewer key
+    dims the rebuilt layer would scale otherwise, so q's kernel and bias absorb the change and
+    the sliced model computes what the zeroed one does (the pruned ONNX keeps its constant)."""
+    from keras import layers
+
+    if not isinstance(layer, layers.MultiHeadAttention):
+        return
+    factor = np.sqrt(config["key_dim"] / layer.get_config()["key_dim"])
+    if factor != 1:
+        for v in layer._query_dense.weights:
+            values[v.path] = (values[v.path] * factor).astype(values[v.path].dtype)
 
 
 def _resized(layer: Any, values: dict[str, np.ndarray]) -> dict[str, int]:
