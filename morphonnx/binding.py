@@ -25,6 +25,7 @@ from morphonnx.formats import MASK_FORMAT, file_attention, read_mask, recorded_a
 from morphonnx.regularize import (
     COSTS,
     KINDS,
+    NUMPY,
     ArrayOps,
     cost_and_coefficients,
     filter_norm,
@@ -133,9 +134,10 @@ class Param:
             tuple(self.shape[a] for a in self.perm) if len(self.perm) == len(self.shape) else None
         )
 
-    def to_view(self, x: np.ndarray) -> np.ndarray:
-        """A numpy value of the parameter as the axes of :meth:`axis` see it."""
-        return x if self.view is None else np.transpose(x, self.perm).reshape(self.view)
+    def to_view(self, x: Any, ops: ArrayOps = NUMPY) -> Any:
+        """The parameter's value (numpy, or a framework tensor with its ``ops``) as the axes of
+        :meth:`axis` see it."""
+        return x if self.view is None else ops.reshape(ops.transpose(x, self.perm), self.view)
 
     def from_view(self, x: np.ndarray) -> np.ndarray:
         """:meth:`to_view` undone."""
@@ -327,10 +329,7 @@ class Binding:
         ``tensors``: the framework tensor of each of :attr:`sources`, in order."""
         stats = [abs(ops.cat(tensors[: self.raw]))] if self.raw else []
         for s, x in zip(self.sources[self.raw :], tensors[self.raw :], strict=True):
-            p = self.params[s.tensor]
-            if p.view is not None:
-                x = ops.reshape(ops.transpose(x, p.perm), p.view)
-            rows = ops.rows(x, s.axis)
+            rows = ops.rows(self.params[s.tensor].to_view(x, ops), s.axis)
             if s.stat == "abs":
                 stats.append(ops.amax(abs(rows), 1))
             else:
