@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/bench_regularizer.py                  # both models, both frameworks
     python benchmarks/bench_regularizer.py --model resnet50 --framework keras --steps 30
+    python benchmarks/bench_regularizer.py --kind group_lasso    # group LASSO on the filters
 
 One process; torchvision-style ResNets written in plain torch (torchvision is not needed) and
 the same architecture in Keras (its steps compiled with ``tf.function``, as ``model.fit`` runs
@@ -34,6 +35,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from morphonnx.regularize import KINDS  # noqa: E402
 
 STRENGTH = 1e-9
 
@@ -132,6 +135,7 @@ class Run:
     reg: Any
     step: Callable[[bool], Any]  # one training step, with or without strength * reg.loss()
     alone: Callable[[], Any]  # reg.loss() forward + backward
+    update: Callable[[], Any]  # the optimizer's update alone: a pass over every weight
     t_spec: float
     t_init: float
 
@@ -151,7 +155,9 @@ def torch_run(name: str, args: argparse.Namespace, tmp: Path) -> Run:
     y = torch.randint(0, 1000, (args.batch,))
     spec, t_spec = _timed(lambda: export_spec(model, x[:1], tmp / "spec.json"))
     device = "V100" if args.cost == "latency" else None
-    reg, t_init = _timed(lambda: Regularizer(model, spec, cost=args.cost, device=device))
+    reg, t_init = _timed(
+        lambda: Regularizer(model, spec, kind=args.kind, cost=args.cost, device=device)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
 
@@ -163,7 +169,10 @@ def torch_run(name: str, args: argparse.Namespace, tmp: Path) -> Run:
         loss.backward()
         opt.step()
 
-    return Run("PyTorch", spec, reg, step, lambda: reg.loss().backward(), t_spec, t_init)
+    def alone() -> None:
+        reg.loss().backward()
+
+    return Run("PyTorch", spec, reg, step, alone, opt.step, t_spec, t_init)
 
 
 def keras_run(name: str, args: argparse.Namespace, tmp: Path) -> Run:
@@ -180,7 +189,9 @@ def keras_run(name: str, args: argparse.Namespace, tmp: Path) -> Run:
     signature = (tf.TensorSpec((1, args.size, args.size, 3), tf.float32, name="input"),)
     spec, t_spec = _timed(lambda: export_spec(model, signature, tmp / "spec.json"))
     device = "V100" if args.cost == "latency" else None
-    reg, t_init = _timed(lambda: Regularizer(model, spec, cost=args.cost, device=device))
+    reg, t_init = _timed(
+        lambda: Regularizer(model, spec, kind=args.kind, cost=args.cost, device=device)
+    )
     opt = keras.optimizers.SGD(1e-3, momentum=0.9)
     opt.build(model.trainable_variables)
     task = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -203,7 +214,13 @@ def keras_run(name: str, args: argparse.Namespace, tmp: Path) -> Run:
             loss = reg.loss()
         return tape.gradient(loss, sources)
 
-    return Run("Keras", spec, reg, lambda flag: steps[flag](), alone, t_spec, t_init)
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+
+    @tf.function
+    def update() -> Any:
+        return opt.apply_gradients(zip(zeros, model.trainable_variables, strict=True))
+
+    return Run("Keras", spec, reg, lambda flag: steps[flag](), alone, update, t_spec, t_init)
 
 
 def bench(name: str, framework: str, args: argparse.Namespace) -> float:
@@ -215,24 +232,29 @@ def bench(name: str, framework: str, args: argparse.Namespace) -> float:
         run.step(False)
         run.step(True)
         run.alone()
+        run.update()
     plain, regd = [], []
     for _ in range(args.steps):
         plain.append(_timed(lambda: run.step(False))[1])
         regd.append(_timed(lambda: run.step(True))[1])
     alone = [_timed(run.alone)[1] for _ in range(args.steps)]
+    update = [_timed(run.update)[1] for _ in range(args.steps)]
 
-    p_med, r_med, a_med = (statistics.median(v) for v in (plain, regd, alone))
+    p_med, r_med, a_med, u_med = (statistics.median(v) for v in (plain, regd, alone, update))
     channels = sum(run.reg.binding.sizes)
     print(
         f"{ARCHS[name][0]} in {run.title}, input {args.batch}x3x{args.size}x{args.size}, "
-        f"{args.threads} threads, cost={args.cost}, {len(run.reg.groups)} regularized groups "
-        f"({channels} channels), {len(run.spec['costs'])} cost terms"
+        f"{args.threads} threads, kind={args.kind}, cost={args.cost}, "
+        f"{len(run.reg.groups)} regularized groups ({channels} channels), "
+        f"{len(run.spec['costs'])} cost terms"
     )
     print(f"spec export + analysis     {run.t_spec:8.3f} s (once)")
     print(f"Regularizer.__init__       {run.t_init * 1e3:8.2f} ms (once)")
     print(f"step without regularizer   {p_med * 1e3:8.2f} ms (median of {args.steps})")
     print(f"step with reg.loss()       {r_med * 1e3:8.2f} ms (median of {args.steps})")
     print(f"reg.loss() fwd+bwd alone   {a_med * 1e3:8.2f} ms (median of {args.steps})")
+    print(f"optimizer update alone     {u_med * 1e3:8.2f} ms (median of {args.steps})")
+    print(f"reg.loss() / update        {a_med / u_med:8.2f}x  (group LASSO reads every filter)")
     print(f"ratio with/without         {r_med / p_med:8.3f}x  (medians; noisy when busy)")
     share = 100 * a_med / min(plain)
     print(f"reg.loss() / plain step    {share:8.2f} %  (target <= 1%)")
@@ -250,6 +272,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch / TensorFlow threads (default 2)")
     p.add_argument("--cost", default="flops", choices=["flops", "size", "latency"])
+    p.add_argument(
+        "--kind",
+        default="gamma",
+        choices=KINDS,
+        help="L1 on batch-norm gammas or group LASSO on the filters (default gamma)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     frameworks = ["torch", "keras"] if args.framework == "all" else [args.framework]

@@ -329,11 +329,11 @@ class Binding:
         ``tensors``: the framework tensor of each of :attr:`sources`, in order."""
         stats = [abs(ops.cat(tensors[: self.raw]))] if self.raw else []
         for s, x in zip(self.sources[self.raw :], tensors[self.raw :], strict=True):
-            rows = ops.rows(self.params[s.tensor].to_view(x, ops), s.axis)
+            x = self.params[s.tensor].to_view(x, ops)
             if s.stat == "abs":
-                stats.append(ops.amax(abs(rows), 1))
+                stats.append(ops.amax(abs(ops.rows(x, s.axis)), 1))
             else:
-                stats.append(filter_norm(ops, rows, 1, self.options.l1_fraction))
+                stats.append(filter_norm(ops, x, s.axis, self.options.l1_fraction))
         flat = stats[0] if len(stats) == 1 else ops.cat(stats)
         parts = []
         for bucket, idx in zip(self.buckets, indices.buckets, strict=True):

@@ -32,6 +32,9 @@ class ArrayOps:
     take: Callable[[Any, Any], Any]  # entries along axis 0 at an index array: x[idx]
     amax: Callable[[Any, int], Any]  # max over one axis
     mean: Callable[[Any, int], Any]  # mean over one axis
+    # root mean square over every axis but one (a value per index on it), without copying the
+    # tensor; its gradient where all are 0 is 0 (a subgradient), never NaN
+    rms: Callable[[Any, int], Any]
     maximum: Callable[[Any, Any], Any]  # element-wise max
     count: Callable[[Any], float]  # number of true entries, as a plain float (no gradient)
     cat: Callable[[Sequence[Any]], Any]  # concatenation along axis 0
@@ -39,11 +42,18 @@ class ArrayOps:
     transpose: Callable[[Any, tuple[int, ...]], Any]  # axes permuted: result axis i = x's perm[i]
 
 
+def _numpy_rms(x: Any, axis: int) -> Any:
+    x = np.asarray(x)
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    return np.sqrt(np.mean(np.square(x), axis=others)) if others else np.abs(x)
+
+
 NUMPY = ArrayOps(
     rows=lambda x, axis: np.moveaxis(np.asarray(x), axis, 0).reshape(np.shape(x)[axis], -1),
     take=lambda x, idx: x[idx],
     amax=lambda x, axis: x.max(axis=axis),
     mean=lambda x, axis: x.mean(axis=axis),
+    rms=_numpy_rms,
     maximum=np.maximum,
     count=lambda x: float(np.sum(x)),
     cat=np.concatenate,
@@ -60,11 +70,12 @@ def positions_index(positions: list[list[int]]) -> np.ndarray:
 
 
 def filter_norm(ops: ArrayOps, x: Any, axis: int, l1_fraction: float) -> Any:
-    """Group LASSO's per-filter value over ``axis``: ``(1 - l1) * sqrt(mean(w^2)) + l1 *
-    mean(|w|)``."""
-    norm = ops.mean(x * x, axis) ** 0.5
+    """Group LASSO's value of each filter (index on ``axis``) of ``x``: ``(1 - l1) *
+    sqrt(mean(w^2)) + l1 * mean(|w|)``. The RMS reads the weights once in place, as an optimizer
+    step does; a filter of zeros (a dead one, zeroed) gets gradient 0, not NaN."""
+    norm = ops.rms(x, axis)
     if l1_fraction:
-        norm = (1 - l1_fraction) * norm + l1_fraction * ops.mean(abs(x), axis)
+        norm = (1 - l1_fraction) * norm + l1_fraction * ops.mean(abs(ops.rows(x, axis)), 1)
     return norm
 
 
@@ -89,9 +100,8 @@ def group_vector(
             sources.append(ops.amax(abs(ops.take(rows, positions_index(g["positions"]))), 2))
     if not sources:
         for w in reg["weights"]:
-            rows = ops.rows(tensors[w["tensor"]], w["axis"])
-            picked = ops.take(rows, positions_index(w["positions"]))
-            sources.append(filter_norm(ops, picked, 2, l1_fraction))
+            norms = filter_norm(ops, tensors[w["tensor"]], w["axis"], l1_fraction)
+            sources.append(ops.take(norms, positions_index(w["positions"])))
     if not sources:
         return None
     vec = ops.amax(sources[0], 1)

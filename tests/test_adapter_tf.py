@@ -114,6 +114,8 @@ def test_group_lasso_reads_keras_kernels_in_their_layout(tmp_path: Path) -> None
     w1[..., 1] *= 1e-4
     model.get_layer("conv1").kernel.assign(w1)
     w2 = model.get_layer("conv2").kernel.numpy()
+    w2[..., 3] = 0  # a dead filter, zeroed
+    model.get_layer("conv2").kernel.assign(w2)
     n1 = np.sqrt((w1**2).mean((0, 1, 2)))
     n2 = np.sqrt((w2**2).mean((0, 1, 2)))
     reg = Regularizer(model, spec, kind="group_lasso", threshold=T)
@@ -125,6 +127,12 @@ def test_group_lasso_reads_keras_kernels_in_their_layout(tmp_path: Path) -> None
     a1, a2 = int((n1 > T).sum()), int((n2 > T).sum())
     k = 2 * 6 * 6 * 9
     assert reg.cost() == k * 3 * a1 + k * a1 * a2 + 2 * a2 * 2
+    kernels = [model.get_layer(n).kernel for n in ("conv1", "conv2")]
+    with tf.GradientTape() as tape:
+        loss = reg.loss()
+    g1, g2 = (g.numpy() for g in tape.gradient(loss, kernels))
+    assert np.isfinite(g1).all() and np.isfinite(g2).all()  # not sqrt's NaN at the zeroed filter
+    assert not g2[..., 3].any() and g2[..., 2].any()
 
 
 # --------------------------------------------------------------------------- torch agreement

@@ -21,7 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 from torch_models import ALL_MODELS, example_input  # noqa: E402
 
-from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec  # noqa: E402
+from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec, torch_ops  # noqa: E402
 from morphonnx.analysis import analyze  # noqa: E402
 from morphonnx.cli import main as cli  # noqa: E402
 
@@ -233,13 +233,37 @@ def test_group_lasso_pair_terms(tmp_path: Path) -> None:
     reg = Regularizer(model, spec, kind="group_lasso", threshold=T)
     assert reg.cost() == k * 3 * a1 + k * a1 * a2 + 2 * a2 * 2
     want = k * 3 * r1 + k * (a1 * r2 + a2 * r1) + 2 * 2 * r2
-    assert reg.loss().item() == pytest.approx(want, rel=1e-5)
+    loss = reg.loss()
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss.backward()  # the zeroed filter: a subgradient of 0, not sqrt's NaN at 0
+    assert model.conv1.weight.grad.isfinite().all() and model.conv2.weight.grad.isfinite().all()
+    assert not model.conv2.weight.grad[3].any() and model.conv2.weight.grad[2].any()
     l1 = Regularizer(model, spec, kind="group_lasso", threshold=T, l1_fraction=0.25)
     m1 = model.conv1.weight.detach().abs().mean((1, 2, 3))
     v1 = 0.75 * torch.tensor(n1) + 0.25 * m1
     got = l1.vectors()
     gid = next(g for g in got if got[g].shape[0] == 4)
     torch.testing.assert_close(got[gid].detach(), v1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((4, 3, 2, 2), 0), ((5, 7), 1), ((3, 2, 4), 1), ((6,), 0)]
+)
+def test_filter_rms_value_and_gradient(shape: tuple[int, ...], axis: int) -> None:
+    """The RMS group LASSO reads: torch's autograd check of its one-pass backward against finite
+    differences, values against numpy, and gradient 0 (not NaN) at a filter of zeros."""
+    rms = torch_ops().rms
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda t: rms(t, axis), (x.requires_grad_(),))
+    others = tuple(a for a in range(len(shape)) if a != axis)
+    v = x.detach().numpy()
+    want = np.sqrt((v**2).mean(others)) if others else np.abs(v)
+    np.testing.assert_allclose(rms(x, axis).detach().numpy(), want, rtol=1e-12)
+    dead = x.detach().clone()
+    dead.select(axis, 1).zero_()
+    dead.requires_grad_()
+    rms(dead, axis).sum().backward()
+    assert dead.grad.isfinite().all() and not dead.grad.select(axis, 1).any()
 
 
 def test_depthwise_term(tmp_path: Path) -> None:

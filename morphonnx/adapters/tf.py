@@ -30,11 +30,22 @@ def tf_ops() -> Any:
         order = [axis, *(a for a in range(len(x.shape)) if a != axis)]
         return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
 
+    def rms(x: Any, axis: int) -> Any:
+        others = [a for a in range(len(x.shape)) if a != axis]
+        if not others:
+            return tf.abs(x)
+        square = tf.reduce_mean(tf.square(x), others)
+        some = square > 0  # sqrt's gradient at 0 is inf: both wheres keep it out of the chain
+        return tf.where(
+            some, tf.sqrt(tf.where(some, square, tf.ones_like(square))), tf.zeros_like(square)
+        )
+
     return ArrayOps(
         rows=rows,
         take=tf.gather,
         amax=lambda x, axis: tf.reduce_max(x, axis),
         mean=lambda x, axis: tf.reduce_mean(x, axis),
+        rms=rms,
         maximum=tf.maximum,
         count=lambda x: float(tf.reduce_sum(tf.cast(x, tf.float64))),
         cat=lambda xs: tf.concat(xs, 0),

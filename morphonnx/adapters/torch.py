@@ -7,6 +7,7 @@ here). torch is imported only inside functions.
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 from morphonnx.adapterbase import RegularizerBase, map_names, strip_segments
@@ -38,11 +39,34 @@ def torch_ops() -> Any:
         idx = torch.as_tensor(idx, device=x.device)
         return x.index_select(0, idx) if idx.dim() == 1 else x[idx]
 
+    class RootMeanSquare(torch.autograd.Function):
+        """RMS over every axis but one. Its backward is one pass over the weights (x times a
+        per-filter scale; vector_norm's takes three: div, mul, masked_fill), which halves group
+        LASSO's time, and gives 0 at a filter of zeros."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, axis: int) -> torch.Tensor:
+            others = [a for a in range(x.dim()) if a != axis]
+            ctx.count = x.numel() // x.shape[axis]
+            r = torch.linalg.vector_norm(x, dim=others, keepdim=True) / math.sqrt(ctx.count)
+            ctx.save_for_backward(x, r)
+            return r.reshape(-1)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            x, r = ctx.saved_tensors
+            scale = grad.reshape(r.shape) / (r.clamp_min(torch.finfo(r.dtype).tiny) * ctx.count)
+            return x * torch.where(r > 0, scale, 0.0), None
+
+    def rms(x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x.abs() if x.dim() == 1 else RootMeanSquare.apply(x, axis)
+
     return ArrayOps(
         rows=lambda x, axis: torch.movedim(x, axis, 0).reshape(x.shape[axis], -1),
         take=take,
         amax=lambda x, axis: torch.amax(x, dim=axis),
         mean=lambda x, axis: x.mean(axis),
+        rms=rms,
         maximum=torch.maximum,
         count=lambda x: float(x.sum().item()),
         cat=lambda xs: torch.cat(list(xs)),
