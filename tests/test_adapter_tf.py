@@ -516,6 +516,36 @@ def test_spec_of_another_model_is_refused_with_the_names(tmp_path: Path) -> None
         Regularizer(keras_block(), spec)
 
 
+def test_frozen_layers_are_regularized_without_gradient(tmp_path: Path) -> None:
+    """Freezing layers (``trainable = False``, as in transfer learning) keeps their weights in
+    the loss and the cost, as torch's ``requires_grad=False`` does; only the gradient is gone. A
+    state variable named as a gamma (a moving mean) is still refused."""
+    model = chain()
+    set_gammas(model, bn1=[1.0, -0.5, 0.001, 0.2], bn2=[0.3, 0.0, -2.0, 0.005, 0.1])
+    spec = export_spec(model, signature(6), tmp_path / "spec.json")
+    want = {kind: Regularizer(model, spec, kind=kind) for kind in ("gamma", "group_lasso")}
+    want_loss = {k: float(r.loss()) for k, r in want.items()}
+    with tf.GradientTape() as tape:
+        loss = want["gamma"].loss()
+    want_grad = tape.gradient(loss, model.get_layer("bn2").gamma).numpy()
+    for name in ("conv1", "bn1"):
+        model.get_layer(name).trainable = False
+    assert {v.path for v in model.trainable_weights} & {"bn1/gamma", "conv1/kernel"} == set()
+    for kind, before in want.items():
+        reg = Regularizer(model, spec, kind=kind)
+        assert reg.cost() == before.cost()
+        assert float(reg.loss()) == pytest.approx(want_loss[kind], rel=1e-6)
+    reg = Regularizer(model, spec)
+    with tf.GradientTape() as tape:
+        loss = reg.loss()
+    grads = tape.gradient(loss, model.trainable_weights)
+    got = dict(zip([v.path for v in model.trainable_weights], grads, strict=True))
+    np.testing.assert_allclose(got["bn2/gamma"].numpy(), want_grad, rtol=1e-6)
+    bad = json.loads(json.dumps(spec).replace('"bn1/gamma"', '"bn1/moving_mean"'))
+    with pytest.raises(ValueError, match="not parameters of the model .*: bn1/moving_mean"):
+        Regularizer(model, bad)
+
+
 # --------------------------------------------------------------------------- distributed
 
 

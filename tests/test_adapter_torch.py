@@ -424,6 +424,22 @@ def test_exclude_counts_group_whole_and_stops_its_gradient(tmp_path: Path) -> No
     assert set(reg.vectors()) == {g["id"] for g in sp["groups"] if g["prunable"]} - {gid}
 
 
+def test_frozen_parameters_are_regularized_without_gradient(tmp_path: Path) -> None:
+    """``requires_grad=False`` (a frozen backbone): same cost and loss, no gradient there."""
+    model = Chain()
+    _set(model, bn1=[1.0, -0.5, 0.001, 0.2], bn2=[0.3, 0.0, -2.0, 0.005, 0.1])
+    spec = _spec(model, torch.randn(1, 3, 6, 6), tmp_path)
+    want = Regularizer(model, spec)
+    want_cost, want_loss = want.cost(), want.loss().item()
+    for p in (*model.conv1.parameters(), *model.bn1.parameters()):
+        p.requires_grad_(False)
+    reg = Regularizer(model, spec)
+    loss = reg.loss()
+    assert (reg.cost(), loss.item()) == (want_cost, pytest.approx(want_loss, rel=1e-6))
+    loss.backward()
+    assert model.bn1.weight.grad is None and model.bn2.weight.grad.any()
+
+
 # --------------------------------------------------------------------------- wrappers
 
 

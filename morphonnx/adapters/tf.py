@@ -72,9 +72,13 @@ class Regularizer(RegularizerBase):
     def _params(self, spec: dict[str, Any]) -> dict[str, Param]:
         layouts = keras_layouts(self.model)
         self._vars = {p: v for p, (v, _) in layouts.items()}
-        trainable = {id(v) for v in self.model.trainable_weights}
+        # a frozen layer's (``trainable = False``) weights are still weights, as a torch
+        # parameter with requires_grad off is: regularized without a gradient, never refused
+        layers = self.model._flatten_layers(include_self=True, recursive=True)
+        learnable = {id(v) for layer in layers for v in layer._trainable_variables}
+        learnable |= {id(v) for v in self.model.trainable_weights}
         return {
-            p: Param(p, tuple(v.shape), perm, id(v) in trainable)
+            p: Param(p, tuple(v.shape), perm, id(v) in learnable)
             for p, (v, perm) in layouts.items()
         }
 
