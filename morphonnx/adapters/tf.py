@@ -31,14 +31,23 @@ def tf_ops() -> Any:
         return tf.reshape(tf.transpose(x, order), (x.shape[axis], -1))
 
     def rms(x: Any, axis: int) -> Any:
+        """The backward is one pass (x times a per-filter scale; autodiff's takes three) and 0
+        at a filter of zeros, where sqrt's own gradient is NaN (as in the torch adapter)."""
         others = [a for a in range(len(x.shape)) if a != axis]
         if not others:
             return tf.abs(x)
-        square = tf.reduce_mean(tf.square(x), others)
-        some = square > 0  # sqrt's gradient at 0 is inf: both wheres keep it out of the chain
-        return tf.where(
-            some, tf.sqrt(tf.where(some, square, tf.ones_like(square))), tf.zeros_like(square)
-        )
+        count = float(x.shape.num_elements() // x.shape[axis])
+
+        @tf.custom_gradient
+        def root_mean_square(x: Any) -> tuple[Any, Any]:
+            r = tf.sqrt(tf.reduce_mean(tf.square(x), others, keepdims=True))
+
+            def grad(g: Any) -> Any:
+                return x * tf.math.divide_no_nan(tf.reshape(g, tf.shape(r)), r * count)
+
+            return tf.reshape(r, [-1]), grad
+
+        return root_mean_square(x)
 
     return ArrayOps(
         rows=rows,
