@@ -197,6 +197,25 @@ class RegularizerBase:
                 ]
         return keep, kept
 
+    def _example_arrays(self) -> list[np.ndarray]:
+        """Inputs of the spec's shapes and types, for stage 2 to run the model on (made as
+        verification makes them: standard normal floats, zeros for integers and booleans)."""
+        from morphonnx.verify import random_input
+
+        model = self.spec["model"]
+        types = model.get("input_types") or {}
+        rng = np.random.default_rng(0)
+        arrays = []
+        for name, shape in model.get("inputs", {}).items():
+            if not all(isinstance(d, int) and d > 0 for d in shape):
+                raise ValueError(
+                    f"{self.where}: input '{name}' has no fixed shape {shape}; pass example_inputs"
+                )
+            arrays.append(
+                random_input(rng, shape, np.dtype(types[name]) if types.get(name) else None)
+            )
+        return arrays
+
     def _bias_deltas(
         self, keep: Any, export: Callable[[str], None]
     ) -> list[tuple[str, np.ndarray]]:

@@ -102,6 +102,11 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
     return terms
 
 
+def _type_name(dtype: np.dtype[Any] | None) -> str | None:
+    """numpy's name of an input's element type (``float32``, ``int64``), None when unknown."""
+    return None if dtype is None else np.dtype(dtype).name
+
+
 def build_spec(a: Analysis) -> dict[str, Any]:
     groups = []
     shapes: dict[str, list[int]] = {}
@@ -138,6 +143,7 @@ def build_spec(a: Analysis) -> dict[str, Any]:
             "fingerprint": a.fingerprint,
             "path": str(a.graph.path),
             "inputs": {n: list(a.graph.shape(n) or ()) for n in a.graph.inputs},
+            "input_types": {n: _type_name(a.graph.info(n).dtype) for n in a.graph.inputs},
         },
         "totals": {
             "macs": a.totals.macs,

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -107,17 +108,44 @@ def random_feeds(a: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
             "smaller shapes with --input-shape, or skip verification with --no-verify"
         )
     rng = np.random.default_rng(seed)
-    feeds = {}
-    for info in infos:
-        shape = info.shape or ()
-        dtype = info.dtype if info.dtype is not None else np.dtype(np.float32)
-        if dtype in (np.float32, np.float64):
-            feeds[info.name] = rng.standard_normal(shape, dtype=dtype)
-        elif dtype.kind == "f":
-            feeds[info.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        else:
-            feeds[info.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+    return {i.name: random_input(rng, i.shape or (), i.dtype) for i in infos}
+
+
+def compare_outputs(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> str | None:
+    """What differs between two runs' outputs (a framework model and its sliced copy), or None:
+    shapes, NaN and infinities exactly, integers exactly, floats within :data:`RTOL` of the
+    output's largest magnitude."""
+    if len(want) != len(got):
+        return f"{len(got)} outputs, expected {len(want)}"
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        if w.shape != g.shape:
+            return f"output {i} has shape {list(g.shape)}, expected {list(w.shape)}"
+        if w.dtype.kind != "f" or g.dtype.kind != "f":
+            if not np.array_equal(w, g):
+                return f"output {i} differs"
+            continue
+        w64, g64 = w.astype(np.float64), g.astype(np.float64)
+        finite = np.isfinite(w64)
+        if not np.array_equal(finite, np.isfinite(g64)):
+            return f"output {i} has NaN or infinite values elsewhere"
+        err = float(np.max(np.abs(w64[finite] - g64[finite]), initial=0.0))
+        scale = float(np.max(np.abs(w64[finite]), initial=0.0))
+        if err > RTOL * scale + TINY:
+            return f"output {i} is off by {err:.3g} (its largest magnitude: {scale:.3g})"
+    return None
+
+
+def random_input(
+    rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype[Any] | None
+) -> np.ndarray:
+    """Standard normal for floats (float32 when the type is unknown); zeros for integers and
+    booleans, which are valid as token ids, positions and masks alike."""
+    dtype = dtype if dtype is not None else np.dtype(np.float32)
+    if dtype in (np.float32, np.float64):
+        return rng.standard_normal(tuple(shape), dtype=dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(tuple(shape), dtype=np.float32).astype(dtype)
+    return np.zeros(tuple(shape), dtype=dtype)
 
 
 def run_all(

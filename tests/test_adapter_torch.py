@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -740,6 +741,72 @@ def test_linear_on_token_inputs_binds_the_parameters(tmp_path: Path) -> None:
         want_out, got = model(x), small(x)
     torch.testing.assert_close(got, want_out, atol=1e-5, rtol=0)
     np.testing.assert_allclose(_ort(pruned, x), got.numpy(), atol=1e-5, rtol=0)
+
+
+class CountBranch(Chain):
+    """A forward that branches on a channel count: the export traces the branch taken at the
+    full width, so the ONNX prunes exactly, but the sliced torch model takes the other one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = y * 2 if y.shape[1] == 4 else y
+        return self.fc(torch.relu(self.bn2(self.conv2(y))).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")
+def test_slice_model_checks_itself_against_the_zeroed_model(tmp_path: Path) -> None:
+    model = CountBranch()
+    _set(model, bn1=[1.0, -0.5, 0.001, 0.2], bn2=[0.3, 0.0, -2.0, 0.005, 0.1])
+    spec = _spec(model, torch.randn(1, 3, 6, 6), tmp_path)
+    reg = Regularizer(model, spec)
+    with pytest.raises(ValueError, match=r"does not compute what the zeroed one does \(output 0"):
+        reg.slice_model()
+    small = reg.slice_model(check=False)  # what the check saw: 2x off in the conv2 branch
+    x = torch.randn(2, 3, 6, 6)
+    reg.zero_dead_()
+    with torch.no_grad():
+        assert not torch.allclose(small.eval()(x), model.eval()(x), atol=1e-3)
+    # the unmodified Chain slices and passes the same check, in train mode, and stays so
+    plain = Chain()
+    _set(plain, bn1=[1.0, -0.5, 0.001, 0.2], bn2=[0.3, 0.0, -2.0, 0.005, 0.1])
+    plain.train().bn2.eval()
+    small = Regularizer(plain, _spec(plain, torch.randn(1, 3, 6, 6), tmp_path)).slice_model()
+    assert small.conv1.out_channels == 3 and small.training and not small.bn2.training
+
+
+class TokenIds(nn.Module):
+    """Token ids (int64) -> Embedding -> Linear -> GELU -> Linear -> mean -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        return self.head((x + self.fc2(nn.functional.gelu(self.fc1(x)))).mean(1))
+
+
+def test_slice_model_example_inputs_follow_the_input_types(tmp_path: Path) -> None:
+    """The spec records input element types: ``slice_model`` (its check and its fold) feeds
+    token ids as int64 zeros, not random floats an Embedding cannot take."""
+    torch.manual_seed(0)
+    model, ids = TokenIds().eval(), torch.randint(0, 20, (2, 5))
+    spec = json.loads(_spec(model, ids, tmp_path).read_text())
+    assert spec["model"]["input_types"] == {"input": "int64"}
+    with torch.no_grad():
+        model.fc1.weight[[2, 7]] = 1e-5
+    reg = Regularizer(model, tmp_path / "spec.json", kind="group_lasso")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a check that could not run would warn
+        small = reg.slice_model()
+        folded = reg.slice_model(fold_constants=True)
+    assert small.fc1.out_features == 14 == folded.fc1.out_features
+    reg.zero_dead_()
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids), model(ids), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- errors

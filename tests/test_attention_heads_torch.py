@@ -358,3 +358,10 @@ def test_adapter_regularizes_and_masks_whole_heads(
     )
     assert rc == 0, err
     assert attention_heads(analyze(tmp_path / "pruned.onnx")) == {2}
+    # torch's slice_model cannot change the module's own head count: it says so, it does not
+    # hand back a model whose next forward fails
+    with pytest.raises(ValueError, match="fails where the zeroed one runs .*num_heads"):
+        reg.slice_model(tmp_path / "mask.json", example_inputs=inputs)
+    unchecked = reg.slice_model(tmp_path / "mask.json", example_inputs=inputs, check=False)
+    with pytest.raises(RuntimeError):
+        unchecked(*inputs) if name == "bert" else unchecked(inputs)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from morphonnx.adapterbase import RegularizerBase, map_names, strip_segments
 from morphonnx.adapters.torch_export import export_onnx, export_spec, unwrap_model
@@ -227,14 +230,20 @@ class Regularizer(RegularizerBase):
         self._hooks.clear()
 
     def slice_model(
-        self, keep: Any = None, fold_constants: bool = False, example_inputs: Any = None
+        self,
+        keep: Any = None,
+        fold_constants: bool = False,
+        example_inputs: Any = None,
+        check: bool = True,
     ) -> torch.nn.Module:
         """A deep copy of the (unwrapped) model with the dead channels physically removed; it
         computes what ``zero_dead_`` computes. ``fold_constants``: each dead channel's constant
         output is added to the biases of the layers it feeds (as ``morphonnx prune
         --fold-constants``; exact away from zero-padded borders, which a warning sizes), found
-        on an export of the current model on ``example_inputs`` (default: random inputs of the
-        spec's shapes). A module of a type not covered (docs/torch.md) is a ``TypeError``."""
+        on an export of the current model. ``check``: before the fold, run the sliced and the
+        zeroed model (copies, in eval mode) on ``example_inputs`` (default: random inputs of the
+        spec's shapes and types) and raise a ``ValueError`` if they differ or only the sliced
+        one fails. A module of a type not covered (docs/torch.md) is a ``TypeError``."""
         import copy
 
         import torch
@@ -261,11 +270,12 @@ class Regularizer(RegularizerBase):
             touched[path] = module
         for path, module in touched.items():
             _resize(path, module)
+        if example_inputs is None and (check or fold_constants):
+            device = next(self._bare.parameters()).device
+            example_inputs = tuple(torch.from_numpy(a).to(device) for a in self._example_arrays())
+        if check:
+            self._check_sliced(small, keep, example_inputs)
         if fold_constants:
-            if example_inputs is None:
-                device = next(self._bare.parameters()).device
-                shapes = self.spec["model"].get("inputs", {}).values()
-                example_inputs = tuple(torch.randn(list(s), device=device) for s in shapes)
             export = lambda p: export_onnx(self._bare, example_inputs, p)  # noqa: E731
             for weight, delta in self._bias_deltas(keep, export):
                 module = small.get_submodule(weight.rpartition(".")[0])
@@ -276,6 +286,71 @@ class Regularizer(RegularizerBase):
                         module.bias = torch.nn.Parameter(torch.zeros_like(add))
                     module.get_parameter("bias").add_(add)
         return small
+
+    def _check_sliced(self, small: torch.nn.Module, keep: Any, inputs: Any) -> None:
+        """The sliced model must compute what the zeroed one does: a forward that keeps a count
+        of its own (a hard-coded view, split or slice, an attention module's ``num_heads``)
+        fails here, with the reason, instead of in the user's next run."""
+        import copy
+
+        import torch
+
+        from morphonnx.verify import compare_outputs
+
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        zeroed = copy.deepcopy(self._bare)
+        _, cuts = self._cuts(keep, strict=True)
+        hint = (
+            "its forward keeps a channel or head count of its own (a hard-coded view, split or "
+            "slice; an attention module's num_heads / head_dim): keep training the zeroed model "
+            "(zero_dead_, freeze_dead) or prune the ONNX model instead (check=False skips this)"
+        )
+        modes = [(m, m.training) for m in small.modules()]
+        try:
+            with torch.no_grad():
+                for name, axes in cuts.items():
+                    _fill_zero(_get(zeroed, name), axes)
+                try:
+                    want = _arrays(zeroed.eval()(*args))
+                except Exception as e:  # the inputs do not suit the model: nothing to judge by
+                    warnings.warn(
+                        "slice_model: the model does not run on the example inputs "
+                        f"({type(e).__name__}: {e}); the sliced model is not checked (pass "
+                        "example_inputs like those given to export_spec)",
+                        stacklevel=3,
+                    )
+                    return
+                try:
+                    got = _arrays(small.eval()(*args))
+                except Exception as e:
+                    raise ValueError(
+                        f"slice_model: the sliced model fails where the zeroed one runs "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                        f"{hint}"
+                    ) from e
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        problem = compare_outputs(want, got)
+        if problem:
+            raise ValueError(
+                f"slice_model: the sliced model does not compute what the zeroed one does "
+                f"({problem}): {hint}"
+            )
+
+
+def _arrays(out: Any) -> list[np.ndarray]:
+    """A forward's tensors (alone, or in tuples, lists and dicts), as numpy arrays."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        t = out.detach().cpu()
+        return [(t.float() if t.is_floating_point() else t).numpy()]
+    if isinstance(out, (tuple, list)):
+        return [a for item in out for a in _arrays(item)]
+    if isinstance(out, dict):
+        return [a for key in out for a in _arrays(out[key])]
+    return []
 
 
 def _fill_zero(t: torch.Tensor, axes: dict[int, list[int]]) -> torch.Tensor:
