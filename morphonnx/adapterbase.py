@@ -125,6 +125,14 @@ class RegularizerBase:
     def _array_ops(self) -> ArrayOps:
         raise NotImplementedError
 
+    def _zeroed_copy(self, keep: Mapping[str, Sequence[bool]]) -> Any:
+        """A copy of the model with the dead slices zeroed (the original untouched)."""
+        raise NotImplementedError
+
+    def _outputs(self, model: Any, inputs: Any) -> list[np.ndarray]:
+        """``model``'s outputs on ``inputs`` in inference mode, as numpy arrays."""
+        raise NotImplementedError
+
     def _direct(self, vectors: Mapping[str, Any]) -> tuple[float, Any]:
         """The core's formula evaluated group by group on ``vectors`` (a reference for the fast
         path of :meth:`cost_and_loss`)."""
@@ -216,6 +224,43 @@ class RegularizerBase:
             )
         return arrays
 
+    def _check_sliced(self, small: Any, keep: Mapping[str, Sequence[bool]], inputs: Any) -> None:
+        """Stage 2 checks itself: the sliced model must compute what the zeroed one does. A
+        forward that keeps a count of its own (a hard-coded view, split or slice, an attention
+        module's head count, a branch on a channel count) fails here, with the reason, instead of
+        in the user's next run. Skipped with a warning when the model does not run on
+        ``inputs``: there is nothing to judge by."""
+        from morphonnx.verify import compare_outputs
+
+        hint = (
+            "its forward keeps a channel or head count of its own (a hard-coded view, split or "
+            "slice; an attention module's num_heads / head_dim): keep training the zeroed model "
+            "(zero_dead_) or prune the ONNX model instead (check=False skips this check)"
+        )
+        try:
+            want = self._outputs(self._zeroed_copy(keep), inputs)
+        except Exception as e:
+            warnings.warn(
+                "slice_model: a zeroed copy of the model does not run on the example inputs "
+                f"({_first_line(e)}); the sliced model is not checked (pass example inputs like "
+                "those given to export_spec)",
+                stacklevel=3,
+            )
+            return
+        try:
+            got = self._outputs(small, inputs)
+        except Exception as e:
+            raise ValueError(
+                f"slice_model: the sliced model fails where the zeroed one runs "
+                f"({_first_line(e)}): {hint}"
+            ) from e
+        problem = compare_outputs(want, got)
+        if problem:
+            raise ValueError(
+                f"slice_model: the sliced model does not compute what the zeroed one does "
+                f"({problem}): {hint}"
+            )
+
     def _bias_deltas(
         self, keep: Any, export: Callable[[str], None]
     ) -> list[tuple[str, np.ndarray]]:
@@ -257,3 +302,8 @@ class RegularizerBase:
                 stacklevel=3,
             )
         return deltas
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

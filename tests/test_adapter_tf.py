@@ -460,6 +460,7 @@ def test_folded_slice_computes_the_trained_function(k2: int, tmp_path: Path) -> 
     adds it, through conv2 (a bias created: it had none), to the next biases, so it computes
     what the model computes (1x1 conv2: exactly; 3x3: away from the zero-padded border, with a
     warning); the plain slice loses the shifts."""
+    keras.utils.set_random_seed(k2)  # kernels independent of the tests run before
     x = keras.Input((6, 6, 3))
     y = layers.ReLU()(layers.BatchNormalization(name="bn1")(conv(4, 3, name="conv1")(x)))
     y = layers.ReLU()(layers.BatchNormalization(name="bn2")(conv(5, k2, name="conv2")(y)))
@@ -486,8 +487,10 @@ def test_folded_slice_computes_the_trained_function(k2: int, tmp_path: Path) -> 
         # the interior of conv2 sees every tap of the dead channels' constant relu(beta)
         w = model.get_layer("conv2").kernel.numpy()[:, :, [1, 3]][..., [0, 1, 3, 4]]
         dead = np.maximum(model.get_layer("bn1").beta.numpy()[[1, 3]], 0)
+        want_bias = np.einsum("hwio,i->o", w.astype(np.float64), dead.astype(np.float64))
+        # float32 storage: within a float32 rounding of the sum's largest term (it cancels)
         np.testing.assert_allclose(
-            small.get_layer("conv2").bias.numpy(), np.einsum("hwio,i->o", w, dead), rtol=1e-5
+            small.get_layer("conv2").bias.numpy(), want_bias, rtol=1e-5, atol=1e-7
         )
     assert small.get_layer("conv1").kernel.shape[-1] == 2
     assert small.get_layer("conv2").bias is not None
@@ -544,6 +547,54 @@ def test_frozen_layers_are_regularized_without_gradient(tmp_path: Path) -> None:
     bad = json.loads(json.dumps(spec).replace('"bn1/gamma"', '"bn1/moving_mean"'))
     with pytest.raises(ValueError, match="not parameters of the model .*: bn1/moving_mean"):
         Regularizer(model, bad)
+
+
+@keras.saving.register_keras_serializable(package="morphonnx_tests")
+class CountBranch(layers.Layer):
+    """Doubles its input when it has 4 channels: the export traces the full width (a constant
+    Mul, which prunes exactly), the sliced model takes the other branch."""
+
+    def call(self, t: Any) -> Any:
+        return t * 2 if t.shape[-1] == 4 else t
+
+
+def test_slice_model_checks_itself_against_the_zeroed_model(tmp_path: Path) -> None:
+    x = keras.Input((6, 6, 3))
+    y = layers.ReLU()(layers.BatchNormalization(name="bn1")(conv(4, 3, name="conv1")(x)))
+    y = layers.ReLU()(
+        layers.BatchNormalization(name="bn2")(conv(5, 3, name="conv2")(CountBranch()(y)))
+    )
+    model = keras.Model(x, layers.Dense(2, name="fc")(layers.GlobalAveragePooling2D()(y)))
+    set_gammas(model, bn1=[1.0, -0.5, 0.001, 0.2], bn2=[0.3, 0.0, -2.0, 0.005, 0.1])
+    reg = Regularizer(model, export_spec(model, signature(6), tmp_path / "spec.json"))
+    with pytest.raises(ValueError, match=r"does not compute what the zeroed one does \(output 0"):
+        reg.slice_model()
+    small = reg.slice_model(check=False)  # what the check saw
+    data = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    reg.zero_dead_()
+    assert not np.allclose(small(data).numpy(), model(data).numpy(), atol=1e-3)
+
+
+def test_slice_model_example_inputs_follow_the_input_types(tmp_path: Path) -> None:
+    """Token ids: the spec records int32, the check feeds zeros of that type (an Embedding
+    cannot take random floats), and the sliced model equals the zeroed one on real ids."""
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((5,), dtype="int32")
+    h = layers.Dense(16, activation="relu", name="fc1")(layers.Embedding(20, 8)(ids))
+    model = keras.Model(ids, layers.Dense(3, name="head")(layers.GlobalAveragePooling1D()(h)))
+    kernel = model.get_layer("fc1").kernel
+    kernel.assign(kernel.numpy() * np.where(np.arange(16) % 5 == 0, 1e-5, 1.0))
+    sig = (tf.TensorSpec((None, 5), tf.int32, name="ids"),)
+    spec = export_spec(model, sig, tmp_path / "spec.json")
+    assert spec["model"]["input_types"] == {"ids": "int32"}
+    reg = Regularizer(model, spec, kind="group_lasso")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a check that could not run would warn
+        small = reg.slice_model()
+    assert small.get_layer("fc1").units == 12
+    tokens = np.random.default_rng(1).integers(0, 20, (3, 5)).astype(np.int32)
+    reg.zero_dead_()
+    np.testing.assert_allclose(small(tokens).numpy(), model(tokens).numpy(), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- distributed

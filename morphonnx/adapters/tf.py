@@ -172,24 +172,51 @@ class Regularizer(RegularizerBase):
         """Zero every member slice of every dead channel in place (kernels, biases, batch-norm
         parameters and statistics): the model then computes what the pruned ONNX computes."""
         keep, cuts = self._cuts(keep, strict=True)
-        for path, axes in cuts.items():
-            p = self.binding.params[path]
-            value = p.to_view(self._vars[path].numpy())
-            for axis, idx in axes.items():
-                value[(slice(None),) * axis + (np.asarray(idx),)] = 0
-            self._vars[path].assign(p.from_view(value))
+        self._zero(self._vars, cuts)
         return keep
 
+    def _zero(self, variables: dict[str, Any], cuts: Any) -> None:
+        for path, axes in cuts.items():
+            p = self.binding.params[path]
+            value = p.to_view(variables[path].numpy())
+            for axis, idx in axes.items():
+                value[(slice(None),) * axis + (np.asarray(idx),)] = 0
+            variables[path].assign(p.from_view(value))
+
+    def _zeroed_copy(self, keep: Any) -> Any:
+        import keras
+
+        clone = keras.models.clone_model(self.model)
+        clone.set_weights(self.model.get_weights())
+        variables = dict(zip((v.path for v in self.model.weights), clone.weights, strict=True))
+        self._zero(variables, self._cuts(keep, strict=True)[1])
+        return clone
+
+    def _outputs(self, model: Any, inputs: Any) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        many = isinstance(inputs, (tuple, list))
+        args = (list(inputs) if len(inputs) > 1 else inputs[0]) if many else inputs
+        return [np.asarray(t) for t in tf.nest.flatten(model(args, training=False))]
+
     def slice_model(
-        self, keep: Any = None, fold_constants: bool = False, input_signature: Any = None
+        self,
+        keep: Any = None,
+        fold_constants: bool = False,
+        input_signature: Any = None,
+        example_inputs: Any = None,
+        check: bool = True,
     ) -> Any:
         """A new functional (or Sequential) Keras model with the dead channels removed: layer
         configs resized (``filters``/``units``), weights copied. It computes what ``zero_dead_``
         computes. ``fold_constants``: each dead channel's constant output is added to the biases
         of the layers it feeds (as ``morphonnx prune --fold-constants``; a bias is created where
         a layer has none; exact away from zero-padded borders, which a warning sizes), found on
-        an export of the current model with ``input_signature`` (default: float32 inputs of the
-        spec's shapes). A layer whose weights cannot take the sliced shapes is a ``TypeError``."""
+        an export of the current model with ``input_signature`` (default: inputs of the spec's
+        shapes and types). ``check``: the sliced model and a zeroed clone run on
+        ``example_inputs`` (arrays; default: the spec's shapes and types, standard normal floats,
+        zeros for integers) and a failure or a difference is a ``ValueError``. A layer whose
+        weights cannot take the sliced shapes is a ``TypeError``."""
         keep, kept = self._kept(keep)
         folds = self._folds(keep, input_signature) if fold_constants else {}
         values = {}
@@ -229,14 +256,19 @@ class Regularizer(RegularizerBase):
                     "and layers sized by their input"
                 )
             new.set_weights(weights)
+        if check:
+            unfolded = self.slice_model(keep, check=False) if folds else small
+            inputs = self._example_arrays() if example_inputs is None else example_inputs
+            self._check_sliced(unfolded, keep, inputs)
         return small
 
     def _folds(self, keep: Any, input_signature: Any) -> dict[str, np.ndarray]:
         """Layer name -> what its bias must add (``RegularizerBase._bias_deltas``)."""
         import tensorflow as tf
 
+        types = self.spec["model"].get("input_types") or {}
         sig = input_signature or tuple(
-            tf.TensorSpec(shape, tf.float32, name=name)
+            tf.TensorSpec(shape, tf.as_dtype(types.get(name) or "float32"), name=name)
             for name, shape in self.spec["model"]["inputs"].items()
         )
         owner = {v.path: layer for layer in self.model.layers for v in layer.weights}

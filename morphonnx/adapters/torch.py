@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -287,56 +286,30 @@ class Regularizer(RegularizerBase):
                     module.get_parameter("bias").add_(add)
         return small
 
-    def _check_sliced(self, small: torch.nn.Module, keep: Any, inputs: Any) -> None:
-        """The sliced model must compute what the zeroed one does: a forward that keeps a count
-        of its own (a hard-coded view, split or slice, an attention module's ``num_heads``)
-        fails here, with the reason, instead of in the user's next run."""
+    def _zeroed_copy(self, keep: Any) -> torch.nn.Module:
         import copy
 
         import torch
 
-        from morphonnx.verify import compare_outputs
-
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         zeroed = copy.deepcopy(self._bare)
         _, cuts = self._cuts(keep, strict=True)
-        hint = (
-            "its forward keeps a channel or head count of its own (a hard-coded view, split or "
-            "slice; an attention module's num_heads / head_dim): keep training the zeroed model "
-            "(zero_dead_, freeze_dead) or prune the ONNX model instead (check=False skips this)"
-        )
-        modes = [(m, m.training) for m in small.modules()]
+        with torch.no_grad():
+            for name, axes in cuts.items():
+                _fill_zero(_get(zeroed, name), axes)
+        return zeroed
+
+    def _outputs(self, model: torch.nn.Module, inputs: Any) -> list[np.ndarray]:
+        """In eval mode, without gradients; every module's mode is restored afterwards."""
+        import torch
+
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        modes = [(m, m.training) for m in model.modules()]
         try:
             with torch.no_grad():
-                for name, axes in cuts.items():
-                    _fill_zero(_get(zeroed, name), axes)
-                try:
-                    want = _arrays(zeroed.eval()(*args))
-                except Exception as e:  # the inputs do not suit the model: nothing to judge by
-                    warnings.warn(
-                        "slice_model: the model does not run on the example inputs "
-                        f"({type(e).__name__}: {e}); the sliced model is not checked (pass "
-                        "example_inputs like those given to export_spec)",
-                        stacklevel=3,
-                    )
-                    return
-                try:
-                    got = _arrays(small.eval()(*args))
-                except Exception as e:
-                    raise ValueError(
-                        f"slice_model: the sliced model fails where the zeroed one runs "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                        f"{hint}"
-                    ) from e
+                return _arrays(model.eval()(*args))
         finally:
             for m, mode in modes:
                 m.training = mode
-        problem = compare_outputs(want, got)
-        if problem:
-            raise ValueError(
-                f"slice_model: the sliced model does not compute what the zeroed one does "
-                f"({problem}): {hint}"
-            )
 
 
 def _arrays(out: Any) -> list[np.ndarray]:
