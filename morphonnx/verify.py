@@ -111,9 +111,11 @@ def random_feeds(a: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
     return {i.name: random_input(rng, i.shape or (), i.dtype) for i in infos}
 
 
-def compare_outputs(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> str | None:
+def compare_outputs(
+    want: Sequence[np.ndarray], got: Sequence[np.ndarray], rtol: float = RTOL
+) -> str | None:
     """What differs between two runs' outputs (a framework model and its sliced copy), or None:
-    shapes, NaN and infinities exactly, integers exactly, floats within :data:`RTOL` of the
+    shapes, NaN and infinities exactly, integers exactly, floats within ``rtol`` of the
     output's largest magnitude."""
     if len(want) != len(got):
         return f"{len(got)} outputs, expected {len(want)}"
@@ -130,7 +132,7 @@ def compare_outputs(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> st
             return f"output {i} has NaN or infinite values elsewhere"
         err = float(np.max(np.abs(w64[finite] - g64[finite]), initial=0.0))
         scale = float(np.max(np.abs(w64[finite]), initial=0.0))
-        if err > RTOL * scale + TINY:
+        if err > rtol * scale + TINY:
             return f"output {i} is off by {err:.3g} (its largest magnitude: {scale:.3g})"
     return None
 

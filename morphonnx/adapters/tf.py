@@ -193,11 +193,28 @@ class Regularizer(RegularizerBase):
         return clone
 
     def _outputs(self, model: Any, inputs: Any) -> list[np.ndarray]:
+        """Without TF32 (GPUs round matmul inputs to 10 bits otherwise), as float64 arrays."""
         import tensorflow as tf
 
         many = isinstance(inputs, (tuple, list))
         args = (list(inputs) if len(inputs) > 1 else inputs[0]) if many else inputs
-        return [np.asarray(t) for t in tf.nest.flatten(model(args, training=False))]
+        tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        try:
+            out = tf.nest.flatten(model(args, training=False))
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(tf32)
+        return [np.asarray(tf.cast(t, tf.float64) if t.dtype.is_floating else t) for t in out]
+
+    def _check_rtol(self) -> float:
+        """Layers computing in 16 bits (a mixed-precision policy) round at about 1e-3."""
+        from morphonnx.verify import RTOL
+
+        half = any(
+            getattr(layer, "compute_dtype", "float32") in ("float16", "bfloat16")
+            for layer in self.model._flatten_layers(include_self=False, recursive=True)
+        )
+        return 2e-2 if half else RTOL
 
     def slice_model(
         self,

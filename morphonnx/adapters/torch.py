@@ -299,17 +299,17 @@ class Regularizer(RegularizerBase):
         return zeroed
 
     def _outputs(self, model: torch.nn.Module, inputs: Any) -> list[np.ndarray]:
-        """In eval mode, without gradients; every module's mode is restored afterwards."""
+        """A float64 copy on the CPU in eval mode: TF32, half precision and GPU kernels that
+        differ by width would blur a comparison of two models' reassociations."""
+        import copy
+
         import torch
 
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            with torch.no_grad():
-                return _arrays(model.eval()(*args))
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        args = tuple(a.to("cpu", torch.float64) if a.is_floating_point() else a.cpu() for a in args)
+        exact = copy.deepcopy(model).to("cpu", torch.float64).eval()
+        with torch.no_grad():
+            return _arrays(exact(*args))
 
 
 def _arrays(out: Any) -> list[np.ndarray]:
@@ -317,8 +317,7 @@ def _arrays(out: Any) -> list[np.ndarray]:
     import torch
 
     if isinstance(out, torch.Tensor):
-        t = out.detach().cpu()
-        return [(t.float() if t.is_floating_point() else t).numpy()]
+        return [out.detach().cpu().numpy()]
     if isinstance(out, (tuple, list)):
         return [a for item in out for a in _arrays(item)]
     if isinstance(out, dict):
