@@ -212,9 +212,11 @@ class RegularizerBase:
                 ]
         return keep, kept
 
-    def _example_arrays(self) -> list[np.ndarray]:
+    def _example_arrays(self, required: bool) -> list[np.ndarray] | None:
         """Inputs of the spec's shapes and types, for stage 2 to run the model on (made as
-        verification makes them: standard normal floats, zeros for integers and booleans)."""
+        verification makes them: standard normal floats, zeros for integers and booleans). An
+        input without a fixed shape is an error when ``required`` (the fold exports on them),
+        else a warning that the sliced model is not checked, and None."""
         from morphonnx.verify import random_input
 
         model = self.spec["model"]
@@ -223,9 +225,15 @@ class RegularizerBase:
         arrays = []
         for name, shape in model.get("inputs", {}).items():
             if not all(isinstance(d, int) and d > 0 for d in shape):
-                raise ValueError(
-                    f"{self.where}: input '{name}' has no fixed shape {shape}; pass example_inputs"
+                problem = f"{self.where}: input '{name}' has no fixed shape {shape}"
+                if required:
+                    raise ValueError(f"{problem}; pass example inputs")
+                warnings.warn(
+                    f"slice_model: {problem}: the sliced model is not checked (pass example "
+                    "inputs like those given to export_spec)",
+                    stacklevel=3,
                 )
+                return None
             arrays.append(
                 random_input(rng, shape, np.dtype(types[name]) if types.get(name) else None)
             )

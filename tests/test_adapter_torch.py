@@ -770,8 +770,16 @@ def test_slice_model_checks_itself_against_the_zeroed_model(tmp_path: Path) -> N
     plain = Chain()
     _set(plain, bn1=[1.0, -0.5, 0.001, 0.2], bn2=[0.3, 0.0, -2.0, 0.005, 0.1])
     plain.train().bn2.eval()
-    small = Regularizer(plain, _spec(plain, torch.randn(1, 3, 6, 6), tmp_path)).slice_model()
+    spec = _spec(plain, torch.randn(1, 3, 6, 6), tmp_path)
+    small = Regularizer(plain, spec).slice_model()
     assert small.conv1.out_channels == 3 and small.training and not small.bn2.training
+    # a spec input without a fixed shape: nothing to run the check on, and a warning says so
+    loose = json.loads(spec.read_text())
+    loose["model"]["inputs"]["input"][0] = None
+    with pytest.warns(UserWarning, match=r"input 'input' has no fixed shape .*not checked"):
+        assert Regularizer(plain, loose).slice_model().conv1.out_channels == 3
+    with pytest.raises(ValueError, match="has no fixed shape .*; pass example inputs"):
+        Regularizer(plain, loose).slice_model(fold_constants=True)
 
 
 class TokenIds(nn.Module):

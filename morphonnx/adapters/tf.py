@@ -273,9 +273,11 @@ class Regularizer(RegularizerBase):
                     "and layers sized by their input"
                 )
             new.set_weights(weights)
-        if check:
+        inputs = example_inputs
+        if check and inputs is None:
+            inputs = self._example_arrays(required=False)
+        if check and inputs is not None:
             unfolded = self.slice_model(keep, check=False) if folds else small
-            inputs = self._example_arrays() if example_inputs is None else example_inputs
             self._check_sliced(unfolded, keep, inputs)
         return small
 

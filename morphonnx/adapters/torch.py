@@ -271,8 +271,9 @@ class Regularizer(RegularizerBase):
             _resize(path, module)
         if example_inputs is None and (check or fold_constants):
             device = next(self._bare.parameters()).device
-            example_inputs = tuple(torch.from_numpy(a).to(device) for a in self._example_arrays())
-        if check:
+            arrays = self._example_arrays(required=fold_constants) or []
+            example_inputs = tuple(torch.from_numpy(a).to(device) for a in arrays) or None
+        if check and example_inputs is not None:
             self._check_sliced(small, keep, example_inputs)
         if fold_constants:
             export = lambda p: export_onnx(self._bare, example_inputs, p)  # noqa: E731
