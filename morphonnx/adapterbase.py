@@ -248,9 +248,10 @@ class RegularizerBase:
         from morphonnx.verify import compare_outputs
 
         hint = (
-            "its forward keeps a channel or head count of its own (a hard-coded view, split or "
-            "slice; an attention module's num_heads / head_dim): keep training the zeroed model "
-            "(zero_dead_) or prune the ONNX model instead (check=False skips this check)"
+            "its forward keeps a channel or head count of its own (a view, split or chunk that "
+            "assumes the full width or equal parts; an attention module's num_heads / head_dim): "
+            "keep training the zeroed model (zero_dead_) or prune the ONNX model instead "
+            "(check=False skips this check)"
         )
         try:
             want = self._outputs(self._zeroed_copy(keep), inputs)

@@ -255,6 +255,62 @@ def test_pruned_equals_zeroed_torch(name: str, zoo_dir: Path) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+SLICES = (
+    "efficientnet_b0",
+    "mobilenet_v3",
+    "resnext",
+    "unet",
+    "unet_pad",
+    "deeplab_aspp",
+    "densenet_bc",
+    "regnet_y",
+    "nhwc",
+)
+"""Zoo models whose torch code takes any width: the torch adapter's ``slice_model`` must slice
+them. The others keep counts of their own (ShuffleNet's and YOLOv8's ``chunk`` into equal halves,
+stored split sizes, ViT's head count) or own per-channel constants no module covers."""
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_torch_slice_model_works_or_says_why(name: str, tmp_path: Path) -> None:
+    """Random masks through the torch adapter: a sliced model equals the zeroed one; a refusal by
+    ``slice_model``'s own check is true (the unchecked sliced model fails or differs)."""
+    from morphonnx.adapters.torch import Regularizer, export_spec
+
+    model, x = ZOO[name](), example(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = export_spec(model, x, tmp_path / "spec.json")
+    reg = Regularizer(model, spec, kind="group_lasso")
+    g = torch.Generator().manual_seed(0)
+    keep = {}
+    for group in reg.groups:
+        alive = (torch.rand(group["channels"], generator=g) > 0.4).tolist()
+        keep[group["id"]] = [True, *alive[1:]]
+    try:
+        small = reg.slice_model(keep)
+    except ValueError as e:
+        assert name not in SLICES, e
+        if "not parameters of the model" in str(e):
+            return  # PReLU's or a norm's constant computed in forward: refused before slicing
+        assert "zeroed one" in str(e), e
+        unchecked = reg.slice_model(keep, check=False)
+        reg.zero_dead_(keep)
+        with torch.no_grad():
+            want = model(x)
+            try:
+                got = unchecked.eval()(x)
+            except RuntimeError:
+                return  # it fails where the zeroed model runs: as the check said
+        assert not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        return
+    reg.zero_dead_(keep)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        want, got = model(x), small.eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize(
     ("dim", "op", "k", "prunable"),
     [(1, "Div", 2, True), (0, "Mul", 4, False), (2, "Mul", 1, False)],
