@@ -181,12 +181,8 @@ class Regularizer(RegularizerBase):
         """Set every member slice of every dead channel to zero, in place (parameters and running
         statistics). ``keep``: a mask dict, ``MaskResult`` or mask file; default: the current one.
         The zeroed model computes what the pruned ONNX model computes. Returns the mask."""
-        import torch
-
         keep, cuts = self._cuts(keep, strict=False)
-        with torch.no_grad():
-            for name, axes in cuts.items():
-                _fill_zero(_get(self._bare, name), axes)
+        _zero_slices(self._bare, cuts)
         return keep
 
     def freeze_dead(self, keep: Any = None, optimizer: Any = None) -> dict[str, list[bool]]:
@@ -290,13 +286,8 @@ class Regularizer(RegularizerBase):
     def _zeroed_copy(self, keep: Any) -> torch.nn.Module:
         import copy
 
-        import torch
-
         zeroed = copy.deepcopy(self._bare)
-        _, cuts = self._cuts(keep, strict=True)
-        with torch.no_grad():
-            for name, axes in cuts.items():
-                _fill_zero(_get(zeroed, name), axes)
+        _zero_slices(zeroed, self._cuts(keep, strict=True)[1])
         return zeroed
 
     def _outputs(self, model: torch.nn.Module, inputs: Any) -> list[np.ndarray]:
@@ -324,6 +315,15 @@ def _arrays(out: Any) -> list[np.ndarray]:
     if isinstance(out, dict):
         return [a for key in out for a in _arrays(out[key])]
     return []
+
+
+def _zero_slices(model: torch.nn.Module, cuts: dict[str, dict[int, list[int]]]) -> None:
+    """Zero the dead slices (own name -> axis -> indices) of ``model``'s tensors, in place."""
+    import torch
+
+    with torch.no_grad():
+        for name, axes in cuts.items():
+            _fill_zero(_get(model, name), axes)
 
 
 def _fill_zero(t: torch.Tensor, axes: dict[int, list[int]]) -> torch.Tensor:
