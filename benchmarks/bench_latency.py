@@ -4,7 +4,7 @@ calibrated profile? (``morphonnx calibrate`` + ``morphonnx sweep`` on two real-s
 
 Usage::
 
-    python benchmarks/bench_latency.py                 # 30 variants per model, ~10-15 minutes
+    python benchmarks/bench_latency.py                 # 30 variants per model, ~20 minutes
     python benchmarks/bench_latency.py --variants 10 --quick
     python benchmarks/bench_latency.py --plot-dir docs/img --json latency.json
 
@@ -13,9 +13,12 @@ MobileNetV2 (224x224) and ResNet-50 (224x224), both written in plain torch and e
 (``benchmarks/models.py``), once with any widths and once with widths that are multiples of 8
 (``--round-to``; onnxruntime's fast blocked conv kernels want such widths). Each variant is
 pruned with the real rewriter and timed in onnxruntime (warm-up, median of repeats, each run
-alternating with one of the original model). Reported: Spearman rank correlation of each
-predictor with the measured latency relative to the original. Goal: the calibrated profile ranks
-latency better (higher Spearman) than FLOPs on both models. Also reported, on the same
+alternating with one of the original model), and each sweep is measured twice. Reported: Spearman
+rank correlation of each predictor with the measured latency relative to the original (the
+geometric mean of the two measurements), and of the two measurements with each other ("measured
+again": how much ranking the measurement itself can resolve; a predictor ranking above it is as
+good as this machine can tell). Goal: the calibrated profile ranks latency better (higher
+Spearman) than FLOPs on both models. Also reported, on the same
 measurements: the calibrated profile without its efficiency curves and fused ops (one peak per op
 kind, as ``calibrate`` wrote before them), so what those terms add is seen without new noise.
 Other processes sharing the CPU make single timings noisy: medians, ratios to the original and a
@@ -30,6 +33,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import CACHE_DIR, ensure_cache_dir, mobilenet_v2_path, resnet50_path  # noqa: E402
@@ -37,7 +42,7 @@ from morphonnx.calibrate import calibrate  # noqa: E402
 from morphonnx.devices import BUILTIN, profile_toml, resolve_device  # noqa: E402
 from morphonnx.plots import plot_sweep  # noqa: E402
 from morphonnx.runtime import RunConfig  # noqa: E402
-from morphonnx.sweep import SweepSetup, column, correlations, run_sweep  # noqa: E402
+from morphonnx.sweep import SweepSetup, column, run_sweep, spearman  # noqa: E402
 
 MODELS = {"mobilenet_v2": mobilenet_v2_path, "resnet50": resnet50_path}
 
@@ -73,6 +78,12 @@ def main() -> int:
     ap.add_argument(
         "--resume", action="store_true", help="continue the cached CSVs and profile of a last run"
     )
+    ap.add_argument(
+        "--once",
+        action="store_true",
+        help="measure each sweep once (default: twice, ranking against the mean of both and "
+        "reporting how well the two measurements rank each other)",
+    )
     args = ap.parse_args()
 
     cache = ensure_cache_dir(CACHE_DIR)
@@ -98,26 +109,34 @@ def main() -> int:
             tag = name + (f"_x{round_to}" if round_to else "")
             devices = (BUILTIN["CPU"], d, flat)
             setup = SweepSetup(str(path), 0, devices, config, round_to=round_to)
-            csv_path = cache / f"sweep_{tag}.csv"
-            if not args.resume:
-                csv_path.unlink(missing_ok=True)
-            rows = run_sweep(
-                setup,
-                args.variants,
-                csv_path,
-                on_variant=lambda done, total, r=run: print(f"\r{r}: {done}/{total}", end=""),
-            )
-            print()
-            rho = correlations(setup, rows)
+            measured = []
+            for again in ("", "_again")[: 1 if args.once else 2]:
+                csv_path = cache / f"sweep_{tag}{again}.csv"
+                label = run + (", again" if again else "")
+                if not args.resume:
+                    csv_path.unlink(missing_ok=True)
+                rows = run_sweep(
+                    setup,
+                    args.variants,
+                    csv_path,
+                    on_variant=lambda done, total, r=label: print(f"\r{r}: {done}/{total}", end=""),
+                )
+                print()
+                measured.append(column(rows, "relative"))
+            # the geometric mean of both measurements: half the variance of their noise
+            target = np.exp(np.mean(np.log(measured), axis=0)).tolist()
+            rho = {p: spearman(column(rows, p), target) for p in setup.predictors()}
+            rho["measured again"] = spearman(*measured) if len(measured) == 2 else None
             results[run] = rho
             if args.plot_dir:
                 xs = {p: column(rows, p) for p in setup.predictors()}
                 threads = f"{args.threads} thread(s)" if args.threads else "default threads"
                 title = f"{run}, 224x224: {len(rows)} variants, onnxruntime CPU, {threads}"
                 out = str(args.plot_dir / f"sweep_{tag}.png")
-                plot_sweep(xs, column(rows, "relative"), rho, title, out)
+                plot_sweep(xs, target, rho, title, out)
 
     predictors = [
+        "measured again",
         "flops",
         "params",
         "latency_CPU_s",

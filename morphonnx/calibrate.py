@@ -6,12 +6,13 @@ convs (pointwise over 8 to 128 input channels, 3x3 on large and small maps), of 
 (small to large maps) and of a MatMul, memory bandwidth from a large elementwise Add, and a fixed
 cost per op from a chain of tiny Adds. A kernel reaches its peak only on enough work: the dense and
 depthwise rates are fitted with an efficiency curve (:class:`morphonnx.devices.Curve`) whose
-asymptote is the kind's peak. CPU conv kernels work on blocks of channels: the convs are also timed
-with one channel fewer, and when that is clearly slower the profile gets ``_unaligned`` peaks and
-the smallest channel multiple (4, 8 or 16) that runs at speed. A conv followed by
-BatchNormalization + Relu, and one followed by Clip, tell which ops onnxruntime folds into the conv
-(``fused_ops``). A run also pays a fixed cost for the call itself; the time of a one-tiny-op model
-is subtracted from every measurement, so only the ops' own time is divided into FLOPs or bytes.
+asymptote is the kind's peak. CPU conv kernels work on blocks of channels: the convs are also
+timed with one input channel fewer, and when that is clearly slower the profile gets
+``_unaligned`` peaks and the smallest channel multiple (4, 8 or 16) that runs at speed. A conv
+followed by BatchNormalization + Relu, one followed by Clip, and two convs joined by Add + Relu (a
+residual block) tell which ops onnxruntime folds into the conv (``fused_ops``). A run also pays a
+fixed cost for the call itself; the time of a one-tiny-op model is subtracted from every
+measurement, so only the ops' own time is divided into FLOPs or bytes.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ _ALIGNED = 0.8
 
 _FUSED_AT = 0.5
 """Ops after a conv count as fused when they add less than this fraction of their memory passes."""
-FUSION_CHAINS = (("BatchNormalization", "Relu"), ("Clip",))
+FUSION_CHAINS = (("BatchNormalization", "Relu"), ("Clip",), ("Add", "Relu"))
+"""Ops timed after a conv; an ``Add`` adds a second conv's output, as a residual block does."""
 _HALVES = (0.0, *np.geomspace(1.0, 1e4, 41).tolist())
 """Candidate halves of a fitted efficiency curve (0: no such factor)."""
 
@@ -139,7 +141,8 @@ def _const(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> onnx.
 @dataclass(frozen=True)
 class ConvProbe:
     """A 'same' conv: dense (``cin`` -> ``cout``) or depthwise (``cin`` channels), with the ops in
-    ``after`` applied to its output."""
+    ``after`` applied to its output; each ``Add`` in them adds the output of one more such conv
+    of the same input (a residual join)."""
 
     cin: int
     cout: int
@@ -153,8 +156,12 @@ class ConvProbe:
         return float(self.kernel * self.kernel * (1 if self.depthwise else self.cin))
 
     @property
+    def convs(self) -> int:
+        return 1 + self.after.count("Add")
+
+    @property
     def flops(self) -> float:
-        return 2.0 * self.macs_per_output * self.cout * self.hw * self.hw
+        return 2.0 * self.macs_per_output * self.cout * self.hw * self.hw * self.convs
 
     @property
     def shape(self) -> OpShape:
@@ -162,19 +169,28 @@ class ConvProbe:
 
     def what(self) -> str:
         kind = f"depthwise {self.cin}" if self.depthwise else f"{self.cin}->{self.cout}"
-        tail = "".join(f" + {op}" for op in self.after)
+        tail = "".join(f" + {'Add of a second conv' if op == 'Add' else op}" for op in self.after)
         return f"conv {self.kernel}x{self.kernel} {kind} ch, {self.hw}x{self.hw}{tail}"
 
     def model(self) -> onnx.ModelProto:
         rng = np.random.default_rng(0)
         groups = self.cin if self.depthwise else 1
         k = self.kernel
-        inits = [_const("w", (self.cout, self.cin // groups, k, k), rng)]
-        pad = k // 2
-        nodes = [helper.make_node("Conv", ["x", "w"], ["y0"], pads=[pad] * 4, group=groups)]
+        w = (self.cout, self.cin // groups, k, k)
+
+        def conv(weight: str, out: str) -> onnx.NodeProto:
+            inits.append(_const(weight, w, rng))
+            return helper.make_node("Conv", ["x", weight], [out], pads=[k // 2] * 4, group=groups)
+
+        inits: list[onnx.TensorProto] = []
+        nodes = [conv("w", "y0")]
         for i, op in enumerate(self.after):
-            extra = [f"{op}{i}_{j}" for j in range(_EXTRA_INPUTS.get(op, 0))]
-            inits += [_norm_param(name, j, self.cout) for j, name in enumerate(extra)]
+            if op == "Add":
+                nodes.append(conv(f"w{i}", f"skip{i}"))
+                extra = [f"skip{i}"]
+            else:
+                extra = [f"{op}{i}_{j}" for j in range(_EXTRA_INPUTS.get(op, 0))]
+                inits += [_norm_param(name, j, self.cout) for j, name in enumerate(extra)]
             nodes.append(helper.make_node(op, [f"y{i}", *extra], [f"y{i + 1}"]))
         x = [("x", [1, self.cin, self.hw, self.hw])]
         return _model(nodes, x, f"y{len(self.after)}", inits)
@@ -225,7 +241,7 @@ def calibrate(
     e = sizes.add_elements
     dense, depthwise = curve_probes(sizes)
     off = [
-        ConvProbe(dense[0].cin - 1, dense[0].cout - 1, dense[0].hw),
+        ConvProbe(dense[0].cin - 1, dense[0].cout, dense[0].hw),
         *(
             ConvProbe(depthwise[0].cin - q, depthwise[0].cin - q, depthwise[0].hw, depthwise=True)
             for q in (1, *_MULTIPLES[:-1])
@@ -283,9 +299,11 @@ def calibrate(
     fused = [
         op
         for p in fusion[1:]
-        if by_probe[p].seconds - by_probe[plain].seconds < _FUSED_AT * out_pass * len(p.after)
+        if by_probe[p].seconds - p.convs * by_probe[plain].seconds
+        < _FUSED_AT * out_pass * len(p.after)
         for op in p.after
     ]
+    fused = list(dict.fromkeys(fused))
     device = Device(
         name=name,
         peak_flops=conv_peak,

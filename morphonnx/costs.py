@@ -144,25 +144,32 @@ def layer_shape(node: Node, shape_of: ShapeOf, kind: str | None, macs: int | Non
 
 
 _MAX_CHAIN = 4
-"""Longest run of ops after a Conv looked at for fusion (Conv, BatchNormalization, Relu: 2)."""
+"""Longest run of ops after a Conv looked at for fusion (Conv, BatchNormalization, Add, Relu: 3)."""
 
 
 def fusion_chain(graph: Graph, node: Node) -> tuple[str, ...]:
-    """Op types from the Conv (:data:`FUSES_INTO`) whose output ``node`` reads through its first
-    input, via ops that each alone read the one before (a runtime can only fold an op into a
-    kernel whose output nothing else reads), to ``node`` itself; () when there is no such Conv."""
-    chain = [node.op_type]
-    current = node
-    for _ in range(_MAX_CHAIN):
-        t = current.inputs[0] if current.inputs else ""
-        before = graph.producer.get(t)
-        if before is None or len(graph.consumers.get(t, [])) != 1 or t in graph.outputs:
+    """Op types from a Conv (:data:`FUSES_INTO`) whose output ``node`` reads, via ops that each
+    alone read the one before (a runtime can only fold an op into a kernel whose output nothing
+    else reads), to ``node`` itself; () when there is no such Conv. Every computed input is
+    followed, so a residual Add reaches the conv on either side (runtimes accumulate the other
+    input into that conv's output: onnxruntime's NCHWc ``Sum``)."""
+
+    def walk(current: Node, depth: int) -> tuple[str, ...]:
+        if current.op_type in FUSES_INTO:
+            return (current.op_type,)
+        if depth == _MAX_CHAIN:
             return ()
-        chain.insert(0, before.op_type)
-        if before.op_type in FUSES_INTO:
-            return tuple(chain)
-        current = before
-    return ()
+        for t in current.inputs:
+            before = graph.producer.get(t) if t and not graph.is_const(t) else None
+            if before is None or len(graph.consumers.get(t, [])) != 1 or t in graph.outputs:
+                continue
+            chain = walk(before, depth + 1)
+            if chain:
+                return (*chain, current.op_type)
+        return ()
+
+    chain = walk(node, 0)
+    return chain if len(chain) > 1 else ()
 
 
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:

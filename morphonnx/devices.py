@@ -60,9 +60,10 @@ _MICRO = 1e-6
 OP_KINDS = ("conv", "depthwise", "gemm", "conv_unaligned", "depthwise_unaligned")
 """Op kinds a profile may give its own peak: dense (and grouped) convolutions, depthwise
 convolutions, and Gemm/MatMul. Every other op uses ``peak_flops``. The ``_unaligned`` kinds are
-convolutions whose input or output channel count is not a multiple of the profile's
-``channel_multiple``: CPU kernels work on blocks of channels and fall back to slower code for the
-rest (``calibrate`` measures both)."""
+convolutions whose input channel count is not a multiple of the profile's ``channel_multiple``:
+CPU kernels work on blocks of channels and fall back to slower code when the channels they reduce
+over do not fill the blocks (an output count off the multiple is padded to the block and runs at
+about the aligned speed; ``calibrate`` measures both kinds)."""
 
 
 FUSES_INTO = ("Conv",)
@@ -123,7 +124,7 @@ class Device:
     op_peaks: tuple[tuple[str, float], ...] = ()  # (op kind, FLOP/s) pairs overriding peak_flops
     overhead: float = 0.0  # seconds every op pays on top of its roofline time
     threads: int | None = None  # intra-op threads the profile was measured with (calibrate)
-    channel_multiple: int | None = None  # conv channel counts off this multiple are "unaligned"
+    channel_multiple: int | None = None  # conv input channel counts off this are "unaligned"
     fused_ops: tuple[str, ...] = ()  # op types the runtime folds into the Conv they follow
     curves: tuple[tuple[str, Curve], ...] = ()  # (op kind, efficiency curve) pairs
 
@@ -162,13 +163,13 @@ class Device:
 
     def peak(self, kind: str | None = None, op: OpShape | None = None) -> float:
         """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else ``peak_flops``;
-        the kind's ``_unaligned`` peak when one of the op's (input, output) channels is off the
-        profile's ``channel_multiple``; times the kind's efficiency curve at the op's shape (an
+        the kind's ``_unaligned`` peak when the op's input channel count is off the profile's
+        ``channel_multiple``; times the kind's efficiency curve at the op's shape (an
         ``_unaligned`` kind without a curve of its own uses its kind's)."""
         op = op or OpShape()
         peaks = dict(self.op_peaks)
         m = self.channel_multiple
-        if kind and m and any(round(c) % m for c in op.channels):
+        if kind and m and op.channels and round(op.channels[0]) % m:
             kind = f"{kind}_unaligned" if f"{kind}_unaligned" in peaks else kind
         curves = dict(self.curves)
         curve = curves.get(kind or "") or curves.get((kind or "").removesuffix("_unaligned"))

@@ -81,9 +81,10 @@ def by_hand(
     kind: str | None,
     op: tuple[tuple[int, ...], float, float] = ((), 0, 0),
 ) -> float:
-    """The box profile's roofline, written out: a conv with a channel count off 16 is slower, and
-    convs reach ``r / (r + 20) * p / (p + 10)`` of their peak (depthwise: ``p / (p + 30)``) at
-    reduction length ``r`` and ``p`` output positions (``op``: channels, r, p)."""
+    """The box profile's roofline, written out: a conv with an input channel count off 16 is
+    slower, and convs reach ``r / (r + 20) * p / (p + 10)`` of their peak (depthwise:
+    ``p / (p + 30)``) at reduction length ``r`` and ``p`` output positions (``op``: channels, r,
+    p)."""
     channels, r, p = op
     peaks = {"conv": 40e9, "depthwise": 4e9, "gemm": 80e9}
     peaks |= {"conv_unaligned": 20e9, "depthwise_unaligned": 1e9}
@@ -92,8 +93,8 @@ def by_hand(
         efficiency = r / (r + 20) * p / (p + 10)
     elif kind == "depthwise":
         efficiency = p / (p + 30)
-    if kind in ("conv", "depthwise") and any(c % 16 for c in channels):
-        kind += "_unaligned"
+    if kind in ("conv", "depthwise") and channels and channels[0] % 16:
+        kind += "_unaligned"  # the input channels (an output count off 16 is padded)
     return 2.5e-6 + max(flops / (peaks.get(kind or "", 50e9) * efficiency), nbytes / 10e9)
 
 
@@ -107,7 +108,8 @@ def test_per_op_profile_reads_and_round_trips(box: Path, tmp_path: Path) -> None
     assert dev.latency(8e9, 0, "depthwise") == pytest.approx(2.5e-6 + 2.0)
     assert dev.latency(8e9, 0, "depthwise", OpShape((32, 32))) == pytest.approx(2.5e-6 + 2.0)
     assert dev.latency(8e9, 0, "depthwise", OpShape((24, 24))) == pytest.approx(2.5e-6 + 8.0)
-    assert dev.latency(8e9, 0, "conv", OpShape((16, 17))) == pytest.approx(2.5e-6 + 0.4)
+    assert dev.latency(8e9, 0, "conv", OpShape((17, 16))) == pytest.approx(2.5e-6 + 0.4)
+    assert dev.latency(8e9, 0, "conv", OpShape((16, 17))) == pytest.approx(2.5e-6 + 0.2)
     assert dev.latency(8e9, 0, "gemm", OpShape((3, 5))) == pytest.approx(2.5e-6 + 0.1)
     assert dev.latency(0, 1e9, "gemm") == pytest.approx(2.5e-6 + 0.1)
     # efficiency: a 3x3 conv over 4 input channels (r = 36) on a 7x7 map (p = 49)
@@ -186,7 +188,7 @@ def test_analyze_json_uses_per_kind_peaks_and_overhead(
             channels = (dims[node.input[0]][1], dims[node.output[0]][1])
             y = dims[node.output[0]]
             shape = (channels, w[1] * w[2] * w[3], y[0] * y[2] * y[3])
-            kinds.add((kind, any(c % 16 for c in channels)))
+            kinds.add((kind, channels[0] % 16 != 0))
         elif op["op_type"] in ("Gemm", "MatMul"):
             kind = "gemm"
         kinds.add(kind)
@@ -242,7 +244,8 @@ def test_builtin_profiles_have_no_overhead_or_kind_peaks() -> None:
 
 def _conv_then(ops: list[str], reread: bool = False) -> onnx.ModelProto:
     """x -> Conv -> ops[0] -> ops[1] ... (``reread``: the Conv's output is also a graph output, so
-    no runtime can fold what follows into the conv)."""
+    no runtime can fold what follows into the conv). ``Add`` adds the graph input ``s`` as a
+    residual join does; ``Add.r`` is the same Add with ``s`` as its first input."""
     rng = np.random.default_rng(0)
     inits = [onnx.numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3), np.float32), "w")]
     nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["t0"], pads=[1, 1, 1, 1], name="conv")]
@@ -250,14 +253,18 @@ def _conv_then(ops: list[str], reread: bool = False) -> onnx.ModelProto:
         extra = {"BatchNormalization": 4, "Clip": 0}.get(op, 0)
         names = [f"p{i}_{j}" for j in range(extra)]
         inits += [onnx.numpy_helper.from_array(np.ones(8, np.float32), n) for n in names]
-        nodes.append(onnx.helper.make_node(op, [f"t{i}", *names], [f"t{i + 1}"], name=f"n{i}"))
+        ins = {"Add": [f"t{i}", "s"], "Add.r": ["s", f"t{i}"]}.get(op, [f"t{i}", *names])
+        nodes.append(
+            onnx.helper.make_node(op[:3] if op == "Add.r" else op, ins, [f"t{i + 1}"], name=f"n{i}")
+        )
     f32 = onnx.TensorProto.FLOAT
     outs = [onnx.helper.make_tensor_value_info(f"t{len(ops)}", f32, None)]
     if reread:
         outs.append(onnx.helper.make_tensor_value_info("t0", f32, None))
-    graph = onnx.helper.make_graph(
-        nodes, "g", [onnx.helper.make_tensor_value_info("x", f32, [1, 4, 8, 8])], outs, inits
-    )
+    inputs = [onnx.helper.make_tensor_value_info("x", f32, [1, 4, 8, 8])]
+    if any(op.startswith("Add") for op in ops):
+        inputs.append(onnx.helper.make_tensor_value_info("s", f32, [1, 8, 8, 8]))
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outs, inits)
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
 
 
@@ -269,6 +276,10 @@ def _conv_then(ops: list[str], reread: bool = False) -> onnx.ModelProto:
         (["Relu", "BatchNormalization"], False, ["n0", "n1"]),
         (["BatchNormalization", "Relu"], True, []),  # the conv's output is read twice
         (["Sigmoid"], False, []),
+        (["BatchNormalization", "Add", "Relu"], False, ["n0", "n1", "n2"]),  # a residual join
+        (["BatchNormalization", "Add.r", "Relu"], False, ["n0", "n1", "n2"]),  # conv on its right
+        (["Sigmoid", "Add", "Relu"], False, []),
+        (["Add", "Relu"], True, []),
     ],
 )
 def test_fused_ops_cost_nothing_only_right_after_a_conv(
@@ -276,7 +287,8 @@ def test_fused_ops_cost_nothing_only_right_after_a_conv(
 ) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(_conv_then(ops, reread), path)
-    folds = Device("folds", 1e9, 1e9, overhead=1e-6, fused_ops=("BatchNormalization", "Relu"))
+    fused_ops = ("BatchNormalization", "Relu", "Add")
+    folds = Device("folds", 1e9, 1e9, overhead=1e-6, fused_ops=fused_ops)
     plain = Device("plain", 1e9, 1e9, overhead=1e-6)
     a = analyze(path, devices=[folds, plain])
     for c in a.costs:
