@@ -13,11 +13,12 @@ MobileNetV2 (224x224) and ResNet-50 (224x224), both written in plain torch and e
 (``benchmarks/models.py``), once with any widths and once with widths that are multiples of 8
 (``--round-to``; onnxruntime's fast blocked conv kernels want such widths). Each variant is
 pruned with the real rewriter and timed in onnxruntime (warm-up, median of repeats, each run
-alternating with one of the original model), and each sweep is measured twice. Reported: Spearman
-rank correlation of each predictor with the measured latency relative to the original (the
-geometric mean of the two measurements), and of the two measurements with each other ("measured
-again": how much ranking the measurement itself can resolve; a predictor ranking above it is as
-good as this machine can tell). Goal: the calibrated profile ranks latency better (higher
+alternating with one of the original model), and each sweep is measured ``--measurements`` times
+(default 2). Reported: Spearman rank correlation of each predictor with the measured latency
+relative to the original (the geometric mean of the measurements), and of the mean of the
+odd-numbered measurements with that of the even-numbered ones ("measured again": how much ranking
+the measurement itself can resolve; predictors ranking near or above it differ by less than this
+machine can tell). Goal: the calibrated profile ranks latency better (higher
 Spearman) than FLOPs on both models. Also reported, on the same
 measurements: the calibrated profile without its efficiency curves and fused ops (one peak per op
 kind, as ``calibrate`` wrote before them), so what those terms add is seen without new noise.
@@ -45,6 +46,11 @@ from morphonnx.runtime import RunConfig  # noqa: E402
 from morphonnx.sweep import SweepSetup, column, run_sweep, spearman  # noqa: E402
 
 MODELS = {"mobilenet_v2": mobilenet_v2_path, "resnet50": resnet50_path}
+
+
+def geometric_mean(measured: list[list[float]]) -> list[float]:
+    """Per variant, the geometric mean of its measured latency ratios."""
+    return np.exp(np.mean(np.log(measured), axis=0)).tolist()
 
 
 def main() -> int:
@@ -79,10 +85,12 @@ def main() -> int:
         "--resume", action="store_true", help="continue the cached CSVs and profile of a last run"
     )
     ap.add_argument(
-        "--once",
-        action="store_true",
-        help="measure each sweep once (default: twice, ranking against the mean of both and "
-        "reporting how well the two measurements rank each other)",
+        "--measurements",
+        type=int,
+        default=2,
+        help="measure each sweep this many times (default 2): predictors are ranked against the "
+        "geometric mean of all, and the mean of the odd-numbered measurements against that of the "
+        "even-numbered ones says how reproducible the measurement is",
     )
     args = ap.parse_args()
 
@@ -110,9 +118,9 @@ def main() -> int:
             devices = (BUILTIN["CPU"], d, flat)
             setup = SweepSetup(str(path), 0, devices, config, round_to=round_to)
             measured = []
-            for again in ("", "_again")[: 1 if args.once else 2]:
-                csv_path = cache / f"sweep_{tag}{again}.csv"
-                label = run + (", again" if again else "")
+            for k in range(args.measurements):
+                csv_path = cache / (f"sweep_{tag}.csv" if k == 0 else f"sweep_{tag}_{k + 1}.csv")
+                label = run + (f", measurement {k + 1}" if k else "")
                 if not args.resume:
                     csv_path.unlink(missing_ok=True)
                 rows = run_sweep(
@@ -123,15 +131,19 @@ def main() -> int:
                 )
                 print()
                 measured.append(column(rows, "relative"))
-            # the geometric mean of both measurements: half the variance of their noise
-            target = np.exp(np.mean(np.log(measured), axis=0)).tolist()
+            # the geometric mean of all measurements: 1/K the variance of their noise
+            target = geometric_mean(measured)
             rho = {p: spearman(column(rows, p), target) for p in setup.predictors()}
-            rho["measured again"] = spearman(*measured) if len(measured) == 2 else None
+            halves = measured[0::2], measured[1::2]
+            rho["measured again"] = (
+                spearman(*map(geometric_mean, halves)) if len(measured) > 1 else None
+            )
             results[run] = rho
             if args.plot_dir:
                 xs = {p: column(rows, p) for p in setup.predictors()}
                 threads = f"{args.threads} thread(s)" if args.threads else "default threads"
-                title = f"{run}, 224x224: {len(rows)} variants, onnxruntime CPU, {threads}"
+                times = f" (mean of {len(measured)} measurements)" if len(measured) > 1 else ""
+                title = f"{run}, 224x224: {len(rows)} variants{times}, onnxruntime CPU, {threads}"
                 out = str(args.plot_dir / f"sweep_{tag}.png")
                 plot_sweep(xs, target, rho, title, out)
 
