@@ -547,3 +547,40 @@ def test_analyze_plot_is_a_png(
     rc, _, err = run(capsys, "analyze", models["tiny_resnet"], "--device", "CPU", "--plot", png)
     assert rc == 0, err
     assert png.read_bytes().startswith(PNG) and png.stat().st_size > 1000
+
+
+def _conv_nchw(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A stride-1 'same' conv in numpy (one group), float64."""
+    k = w.shape[-1]
+    pad = np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2)))
+    h, wd = x.shape[2:]
+    out = np.zeros((x.shape[0], w.shape[0], h, wd))
+    for i in range(k):
+        for j in range(k):
+            out += np.einsum("nchw,oc->nohw", pad[:, :, i : i + h, j : j + wd], w[:, :, i, j])
+    return out
+
+
+@pytest.mark.parametrize("chain", FUSION_CHAINS, ids="+".join)
+def test_fusion_probes_compute_what_they_say(chain: tuple[str, ...]) -> None:
+    """Each fusion probe of ``calibrate`` runs in onnxruntime and computes its conv followed by
+    its chain (an Add adds a second conv of the same input): the timings compare like with like."""
+    probe = ConvProbe(4, 8, 6, after=chain)
+    model = probe.model()
+    inits = {
+        t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
+    }
+    x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    want = _conv_nchw(x.astype(np.float64), inits["w"])
+    for i, op in enumerate(chain):
+        if op == "Add":
+            want = want + _conv_nchw(x.astype(np.float64), inits[f"w{i}"])
+        elif op == "Relu":
+            want = np.maximum(want, 0)
+        elif op == "Clip":
+            want = np.clip(want, 0, 6)
+        # BatchNormalization with scale 1, bias 0, mean 0, var 1 is the identity (up to eps)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert probe.convs == 1 + chain.count("Add")
+    assert probe.flops == 2 * 4 * 9 * 8 * 36 * probe.convs
