@@ -42,7 +42,7 @@ class OpCost:
     elements: int | None  # activations read + written + weights, for a fixed element size
     kind: str | None = None  # op kind for per-kind peaks (morphonnx.devices.OP_KINDS)
     shape: OpShape = OpShape()  # channels, reduction, positions: for per-shape peaks (layer_shape)
-    chain: tuple[str, ...] = ()  # op types from a Conv it may be fused into (fusion_chain)
+    chains: tuple[tuple[str, ...], ...] = ()  # op types from each Conv it may fold into
 
     @property
     def known(self) -> bool:
@@ -61,7 +61,7 @@ class OpCost:
     def latency(self, device: Device) -> float | None:
         """Roofline seconds on ``device`` (:meth:`Device.latency`); 0 for constant-only nodes,
         None when a shape it needs is unknown."""
-        if (self.macs == 0 and self.elements == 0) or device.fuses(self.chain):
+        if (self.macs == 0 and self.elements == 0) or device.fuses(self.chains):
             return 0.0
         flops, nbytes = self.flops, self.nbytes(device)
         if flops is None or nbytes is None:
@@ -71,7 +71,7 @@ class OpCost:
     def bound(self, device: Device) -> str | None:
         """``"compute"`` or ``"memory"``: which side of the roofline sets the latency;
         ``"fused"`` for an op the device folds into the Conv before it."""
-        if device.fuses(self.chain):
+        if device.fuses(self.chains):
             return "fused"
         flops, nbytes = self.flops, self.nbytes(device)
         if flops is None or nbytes is None:
@@ -145,31 +145,39 @@ def layer_shape(node: Node, shape_of: ShapeOf, kind: str | None, macs: int | Non
 
 _MAX_CHAIN = 4
 """Longest run of ops after a Conv looked at for fusion (Conv, BatchNormalization, Add, Relu: 3)."""
+_MAX_CHAINS = 8
+"""Most runs kept per op (an Add has two; a Concat of many convs needs no more to be priced)."""
 
 
-def fusion_chain(graph: Graph, node: Node) -> tuple[str, ...]:
-    """Op types from a Conv (:data:`FUSES_INTO`) whose output ``node`` reads, via ops that each
-    alone read the one before (a runtime can only fold an op into a kernel whose output nothing
-    else reads), to ``node`` itself; () when there is no such Conv. Every computed input is
-    followed, so a residual Add reaches the conv on either side (runtimes accumulate the other
-    input into that conv's output: onnxruntime's NCHWc ``Sum``)."""
+def fusion_chains(graph: Graph, node: Node) -> tuple[tuple[str, ...], ...]:
+    """Each run of op types from a Conv (:data:`FUSES_INTO`) whose output ``node`` reads, via ops
+    that each alone read the one before (a runtime can only fold an op into a kernel whose output
+    nothing else reads), to ``node`` itself. Every computed input is followed, so a residual Add
+    reaches the conv on either side (runtimes accumulate the other input into that conv's output:
+    onnxruntime's NCHWc ``Sum``), and one whose path on one side holds an op the device does not
+    fold may still fold into the conv on the other."""
 
-    def walk(current: Node, depth: int) -> tuple[str, ...]:
+    seen: dict[tuple[int, int], list[tuple[str, ...]]] = {}  # (node, depth): its chains, once
+
+    def walk(current: Node, depth: int) -> list[tuple[str, ...]]:
         if current.op_type in FUSES_INTO:
-            return (current.op_type,)
+            return [(current.op_type,)]
         if depth == _MAX_CHAIN:
-            return ()
-        for t in current.inputs:
-            before = graph.producer.get(t) if t and not graph.is_const(t) else None
-            if before is None or len(graph.consumers.get(t, [])) != 1 or t in graph.outputs:
-                continue
-            chain = walk(before, depth + 1)
-            if chain:
-                return (*chain, current.op_type)
-        return ()
+            return []
+        key = (id(current), depth)
+        if key not in seen:
+            found: list[tuple[str, ...]] = []
+            for t in dict.fromkeys(current.inputs):
+                before = graph.producer.get(t) if t and not graph.is_const(t) else None
+                if before is None or len(graph.consumers.get(t, [])) != 1 or t in graph.outputs:
+                    continue
+                found += [(*c, current.op_type) for c in walk(before, depth + 1)]
+                if len(found) >= _MAX_CHAINS:
+                    break
+            seen[key] = found[:_MAX_CHAINS]
+        return seen[key]
 
-    chain = walk(node, 0)
-    return chain if len(chain) > 1 else ()
+    return tuple(chain for chain in walk(node, 0) if len(chain) > 1)
 
 
 def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
@@ -199,9 +207,9 @@ def op_costs(graph: Graph, shape_of: ShapeOf | None = None) -> list[OpCost]:
         macs = node_macs(node, shape)
         kind = node_roofline_kind(node, shape)
         op = layer_shape(node, shape, kind, macs)
-        chain = () if kind else fusion_chain(graph, node)
+        chains = () if kind else fusion_chains(graph, node)
         result.append(
-            OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind, op, chain)
+            OpCost(node.name, node.op_type, macs, params, nbytes, elements, kind, op, chains)
         )
     return result
 

@@ -151,14 +151,16 @@ class Device:
                 if not (math.isfinite(half) and half >= 0):
                     raise ValueError(f"device {self.name!r}: curve halves must be 0 or more")
 
-    def fuses(self, chain: Sequence[str]) -> bool:
-        """Whether an op costs nothing: ``chain`` is the op types from the Conv whose output it
-        alone reads, through ops that alone read each other's output, to the op itself (``("Conv",
-        "BatchNormalization", "Relu")``); fused when every op after the Conv is in ``fused_ops``."""
-        return (
+    def fuses(self, chains: Sequence[Sequence[str]]) -> bool:
+        """Whether an op costs nothing: each of ``chains`` is the op types from a Conv whose
+        output it alone reads, through ops that alone read each other's output, to the op itself
+        (``("Conv", "BatchNormalization", "Relu")``); fused when every op after the Conv of one of
+        them is in ``fused_ops``."""
+        return any(
             len(chain) > 1
             and chain[0] in FUSES_INTO
             and all(op in self.fused_ops for op in chain[1:])
+            for chain in chains
         )
 
     def peak(self, kind: str | None = None, op: OpShape | None = None) -> float:

@@ -302,6 +302,43 @@ def test_fused_ops_cost_nothing_only_right_after_a_conv(
     assert a.totals.latency["folds"] == pytest.approx(total)
 
 
+def test_a_residual_add_folds_into_the_conv_on_either_side(tmp_path: Path) -> None:
+    """Add(Sigmoid(conv_a(x)), BatchNormalization(conv_b(x))) -> Relu: the Sigmoid keeps the Add
+    out of conv_a, but the runtime accumulates it (and the Relu after it) into conv_b."""
+    rng = np.random.default_rng(0)
+    f32 = onnx.TensorProto.FLOAT
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3), np.float32), n)
+        for n in ("wa", "wb")
+    ]
+    bn = ["scale", "bias", "mean", "var"]
+    inits += [onnx.numpy_helper.from_array(np.ones(8, np.float32), n) for n in bn]
+    make = onnx.helper.make_node
+    nodes = [
+        make("Conv", ["x", "wa"], ["a"], pads=[1] * 4, name="conv_a"),
+        make("Conv", ["x", "wb"], ["b"], pads=[1] * 4, name="conv_b"),
+        make("Sigmoid", ["a"], ["sa"], name="sigmoid"),
+        make("BatchNormalization", ["b", *bn], ["nb"], name="bn"),
+        make("Add", ["sa", "nb"], ["y"], name="add"),
+        make("Relu", ["y"], ["r"], name="relu"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", f32, [1, 4, 8, 8])],
+        [onnx.helper.make_tensor_value_info("r", f32, None)],
+        inits,
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), path)
+    folds = Device("folds", 1e9, 1e9, fused_ops=("BatchNormalization", "Relu", "Add"))
+    no_add = Device("no_add", 1e9, 1e9, fused_ops=("BatchNormalization", "Relu"))
+    costs = {c.name: c for c in analyze(path, devices=[folds, no_add]).costs}
+    assert {n for n, c in costs.items() if c.bound(folds) == "fused"} == {"bn", "add", "relu"}
+    assert {n for n, c in costs.items() if c.bound(no_add) == "fused"} == {"bn"}
+    assert costs["add"].latency(no_add) == pytest.approx(max(0, costs["add"].bytes or 0) / 1e9)
+
+
 @given(
     st.floats(0, 1e4),
     st.floats(0, 1e4),
