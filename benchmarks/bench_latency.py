@@ -18,10 +18,10 @@ alternating with one of the original model), and each sweep is measured ``--meas
 relative to the original (the geometric mean of the measurements), and of the mean of the
 odd-numbered measurements with that of the even-numbered ones ("measured again": how much ranking
 the measurement itself can resolve; predictors ranking near or above it differ by less than this
-machine can tell). Goal: the calibrated profile ranks latency better (higher
-Spearman) than FLOPs on both models. Also reported, on the same
-measurements: the calibrated profile without its efficiency curves and fused ops (one peak per op
-kind, as ``calibrate`` wrote before them), so what those terms add is seen without new noise.
+machine can tell). Goal: the calibrated profile ranks latency better (higher Spearman) than FLOPs
+on both models. Also reported, on the same measurements: the calibrated profile without its
+efficiency curves and fused ops (one peak per op kind, as ``calibrate`` wrote before them), so
+what those terms add is seen without new noise.
 Other processes sharing the CPU make single timings noisy: medians, ratios to the original and a
 rank statistic absorb much of it, not all.
 """
