@@ -1,7 +1,7 @@
 """The files users and adapters exchange: structural fingerprint, group spec, mask, atomic writes.
 
-Field names follow ``shared/contracts.md`` and are documented in ``docs/formats.md``; add fields
-freely, never rename or drop one without bumping the format version.
+Field names are documented in ``docs/formats.md`` (the *contract* ones are promised to adapters);
+add fields freely, never rename or drop one without bumping the format version.
 """
 
 from __future__ import annotations

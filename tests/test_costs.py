@@ -439,7 +439,7 @@ def test_light_model_count() -> None:
 
 
 def test_resnet50_reference_macs() -> None:
-    # anchors.md: torchvision ResNet-50 at 224x224 is 4,089,184,256 MACs
+    # MorphNet's reference count: torchvision ResNet-50 at 224x224 is 4,089,184,256 MACs
     graph = load_graph(light_model_paths()["resnet50"])
     assert totals(graph, op_costs(graph)).macs == 4_089_184_256
 
@@ -471,7 +471,7 @@ def _assert_roofline(cost: OpCost, dev: Device, flops: int, elements: int, items
 
 
 def test_roofline_compute_bound_conv(tmp_path: Path) -> None:
-    # anchors.md: Inception-V2 Conv2d_2c_3x3, 56x56, 64 -> 192, 3x3, batch 1, fp32
+    # MorphNet's latency example: Inception-V2 Conv2d_2c_3x3, 56x56, 64 -> 192, 3x3, batch 1, fp32
     node = helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])
     _, c = _one(tmp_path, [node], {"x": [1, 64, 56, 56]}, ["y"], [_init("W", [192, 64, 3, 3])])
     macs = 56 * 56 * 192 * 64 * 9  # 346,816,512
