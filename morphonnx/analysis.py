@@ -159,7 +159,7 @@ def unknown_note(a: Analysis) -> str | None:
 
 
 def report_json(a: Analysis) -> dict[str, Any]:
-    """The ``analyze --json`` document (shape fixed by contracts.md)."""
+    """The ``analyze --json`` document (its fields: docs/formats.md)."""
     t = a.totals
     return {
         "model": {

@@ -8,9 +8,9 @@
 - ``bytes``: what the op reads and writes: computed inputs + outputs + float constant inputs, each
   at its dtype size (or the device's ``bytes_per_element``), at the graph's batch.
 - latency on a device: ``Device.latency``: ``overhead + max(flops / peak(kind, shape), bytes /
-  mem_bandwidth)``, where ``kind`` is the op's kind (dense, pointwise or depthwise conv,
-  Gemm/MatMul) for profiles that give a peak per kind, and ``shape`` what the peak reached depends
-  on (channel alignment, efficiency curve: :class:`OpShape`); nodes that only compute constants cost
+  mem_bandwidth)``, where ``kind`` is the op's kind (dense conv, depthwise conv, Gemm/MatMul) for
+  profiles that give a peak per kind, and ``shape`` what the peak reached depends on (channel
+  alignment, efficiency curve: :class:`OpShape`); nodes that only compute constants cost
   nothing, and so do ops the device folds into the Conv before them (``Device.fuses``).
 
 Costs are a function of tensor shapes only, so the costs of a pruned model can be predicted by
@@ -24,7 +24,7 @@ import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from morphonnx.devices import CONV_KINDS, FUSES_INTO, Device, OpShape, roofline_kind
+from morphonnx.devices import FUSES_INTO, Device, OpShape, roofline_kind
 from morphonnx.graph import Graph
 from morphonnx.ir import Node, Shape
 from morphonnx.ops import ShapeOf, op_kind
@@ -121,15 +121,13 @@ def node_macs(node: Node, shape_of: ShapeOf) -> int | None:
 
 
 def node_roofline_kind(node: Node, shape_of: ShapeOf) -> str | None:
-    """The device profile's op kind of a node (dense/pointwise/depthwise conv, Gemm/MatMul),
-    None for ops that are no weighted layer of the registry."""
+    """The device profile's op kind of a node (dense/depthwise conv, Gemm/MatMul), None for ops
+    that are no weighted layer of the registry."""
     layer = op_kind(node).layer
     if layer is None or len(node.inputs) < 2:
         return None
     w = shape_of(node.inputs[1])
-    if w is None:
-        return roofline_kind(node.op_type)
-    return roofline_kind(node.op_type, layer.depthwise(node, w), layer.pointwise(node, w))
+    return roofline_kind(node.op_type, w is not None and layer.depthwise(node, w))
 
 
 def layer_shape(node: Node, shape_of: ShapeOf, kind: str | None, macs: int | None) -> OpShape:
@@ -139,7 +137,7 @@ def layer_shape(node: Node, shape_of: ShapeOf, kind: str | None, macs: int | Non
     x, y = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if kind is None or not macs or x is None or y is None or len(x) < 2 or len(y) < 2:
         return OpShape()
-    conv = kind in CONV_KINDS
+    conv = kind in ("conv", "depthwise")
     out, per = math.prod(y), y[1] if conv else y[-1]
     channels = (x[1], y[1]) if conv else ()
     return OpShape(channels, macs / out if out else 0.0, out / per if per else 0.0)

@@ -38,7 +38,6 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 __all__ = [
     "BUILTIN",
-    "CONV_KINDS",
     "DEFAULT_DEVICES",
     "FUSES_INTO",
     "OP_KINDS",
@@ -58,39 +57,23 @@ DEFAULT_DEVICES = ("V100",)
 _GIGA = 1e9
 _MICRO = 1e-6
 
-OP_KINDS = (
-    "conv",
-    "pointwise",
-    "depthwise",
-    "gemm",
-    "conv_unaligned",
-    "pointwise_unaligned",
-    "depthwise_unaligned",
-)
-"""Op kinds a profile may give its own peak: dense (and grouped) convolutions, pointwise ones (a
-1x1 kernel over one group: CPU runtimes run them as one matrix product, without the patch copies
-larger kernels need, so they reach other rates), depthwise convolutions, and Gemm/MatMul. Every
-other op uses ``peak_flops``; a pointwise conv without numbers of its own uses the conv's. The
-``_unaligned`` kinds are convolutions whose input channel count is not a multiple of the
-profile's ``channel_multiple``: CPU kernels work on blocks of channels and fall back to slower
-code when the channels they reduce over do not fill the blocks (an output count off the multiple
-is padded to the block and runs at about the aligned speed; ``calibrate`` measures both kinds)."""
-
-CONV_KINDS = ("conv", "pointwise", "depthwise")
-"""The kinds of convolutions: their peak depends on the channel counts (alignment)."""
-
-_FALLBACK = {"pointwise": "conv"}
-"""The kind whose peak and curve an op kind uses when a profile gives none of its own."""
+OP_KINDS = ("conv", "depthwise", "gemm", "conv_unaligned", "depthwise_unaligned")
+"""Op kinds a profile may give its own peak: dense (and grouped) convolutions, depthwise
+convolutions, and Gemm/MatMul. Every other op uses ``peak_flops``. The ``_unaligned`` kinds are
+convolutions whose input channel count is not a multiple of the profile's ``channel_multiple``:
+CPU kernels work on blocks of channels and fall back to slower code when the channels they reduce
+over do not fill the blocks (an output count off the multiple is padded to the block and runs at
+about the aligned speed; ``calibrate`` measures both kinds)."""
 
 
 FUSES_INTO = ("Conv",)
 """Op types whose output ops of ``Device.fused_ops`` can be folded into."""
 
 
-def roofline_kind(op_type: str, depthwise: bool = False, pointwise: bool = False) -> str | None:
+def roofline_kind(op_type: str, depthwise: bool = False) -> str | None:
     """The :data:`OP_KINDS` entry of an op (None for ops without one of their own)."""
     if op_type in ("Conv", "ConvTranspose"):
-        return "depthwise" if depthwise else "pointwise" if pointwise else "conv"
+        return "depthwise" if depthwise else "conv"
     if op_type in ("Gemm", "MatMul"):
         return "gemm"
     return None
@@ -181,20 +164,19 @@ class Device:
         )
 
     def peak(self, kind: str | None = None, op: OpShape | None = None) -> float:
-        """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else its fallback's
-        (a pointwise conv: the conv's), else ``peak_flops``; the ``_unaligned`` peak first when
-        the op's input channel count is off the profile's ``channel_multiple``; times the first
-        efficiency curve found the same way (an ``_unaligned`` kind without a curve of its own
-        uses its kind's)."""
+        """Attainable FLOP/s of an op kind (:data:`OP_KINDS`): its own peak, else ``peak_flops``;
+        the kind's ``_unaligned`` peak when the op's input channel count is off the profile's
+        ``channel_multiple``; times the kind's efficiency curve at the op's shape (an
+        ``_unaligned`` kind without a curve of its own uses its kind's)."""
         op = op or OpShape()
-        kinds = [k for k in (kind, _FALLBACK.get(kind or "")) if k]
+        peaks = dict(self.op_peaks)
         m = self.channel_multiple
-        if m and op.channels and round(op.channels[0]) % m:
-            kinds = [f"{k}_unaligned" for k in kinds] + kinds
-        peaks, curves = dict(self.op_peaks), dict(self.curves)
-        peak = next((peaks[k] for k in kinds if k in peaks), self.peak_flops)
-        curve = next((curves[k] for k in kinds if k in curves), None)
-        return peak * (curve(op.reduction, op.positions) if curve else 1.0)
+        if kind and m and op.channels and round(op.channels[0]) % m:
+            kind = f"{kind}_unaligned" if f"{kind}_unaligned" in peaks else kind
+        curves = dict(self.curves)
+        curve = curves.get(kind or "") or curves.get((kind or "").removesuffix("_unaligned"))
+        scale = curve(op.reduction, op.positions) if curve else 1.0
+        return peaks.get(kind or "", self.peak_flops) * scale
 
     def latency(
         self, flops: float, nbytes: float, kind: str | None = None, op: OpShape | None = None

@@ -4,9 +4,9 @@ The functions take the group spec, the tensors it names (numpy arrays, torch ten
 tiny :class:`ArrayOps` of the few array functions whose spelling differs between frameworks. The
 core uses :data:`NUMPY` (``morphonnx mask``); adapters pass their own, so the formulas below are
 the only copy. Formulas (MorphNet, Gordon et al. 2018): with ``A`` the alive count of a side (no
-gradient) and ``R`` the sum of its regularization vector, a ``pair`` op (or a ``pointwise`` one, a
-pair with a 1x1 kernel) costs ``coeff * A_in * A_out`` with loss ``coeff * (A_in * R_out + A_out *
-R_in)``; a ``depthwise`` op costs ``coeff * A_out`` with loss ``coeff * (R_in + R_out)``.
+gradient) and ``R`` the sum of its regularization vector, a ``pair`` op costs ``coeff * A_in *
+A_out`` with loss ``coeff * (A_in * R_out + A_out * R_in)``; a ``depthwise`` op costs ``coeff *
+A_out`` with loss ``coeff * (R_in + R_out)``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from morphonnx.devices import CONV_KINDS, Device, OpShape, roofline_kind
+from morphonnx.devices import Device, OpShape, roofline_kind
 
 KINDS = ("gamma", "group_lasso")
 COSTS = ("flops", "size", "latency")
@@ -198,9 +198,9 @@ def cost_and_coefficients(
                 + t["size_coeff"] * pair_cost
                 + t["bias_elems"] * o.alive
             )
-            kind = roofline_kind(t["op_type"], t["kind"] == "depthwise", t["kind"] == "pointwise")
+            kind = roofline_kind(t["op_type"], t["kind"] == "depthwise")
             op = OpShape(
-                (i.alive, o.alive) if kind in CONV_KINDS else (),
+                (i.alive, o.alive) if kind in ("conv", "depthwise") else (),
                 flops / (2 * t["out_elems"] * o.alive) if t["out_elems"] else 0.0,  # MACs/output
                 t["out_elems"],
             )

@@ -77,9 +77,6 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
         w_shape = g.shape(node.inputs[1]) or ()
         w_elems = int(np.prod(w_shape))
         depthwise = layer.depthwise(node, w_shape)
-        kind = (
-            "depthwise" if depthwise else "pointwise" if layer.pointwise(node, w_shape) else "pair"
-        )
         macs = node_macs(node, g.shape)
         if macs is None:
             continue  # shapes unknown: the spec's totals list it among the unknown ops
@@ -91,7 +88,7 @@ def cost_terms(a: Analysis) -> list[dict[str, Any]]:
             {
                 "op": node.name,
                 "op_type": node.op_type,
-                "kind": kind,
+                "kind": "depthwise" if depthwise else "pair",
                 "inputs": _side(a, by_key.get((x, ax)), cin, gid_of),
                 "outputs": _side(a, by_key.get((y, ay)), cout, gid_of),
                 "flop_coeff": 2 * macs / (cout if depthwise else cin * cout),

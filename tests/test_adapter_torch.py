@@ -284,7 +284,7 @@ def test_depthwise_term(tmp_path: Path) -> None:
     assert reg.cost() == pw * 3 * ad + dw * ad + pw * ad * ae + 2 * ae * 2
     want = pw * 3 * rd + dw * (rd + rd) + pw * (ad * re_ + ae * rd) + 2 * 2 * re_
     assert reg.loss().item() == pytest.approx(want, rel=1e-6)
-    assert {t["kind"] for t in reg.spec["costs"]} == {"pointwise", "depthwise", "pair"}
+    assert {t["kind"] for t in reg.spec["costs"]} == {"pair", "depthwise"}
 
 
 def test_residual_group_takes_max_over_sources(tmp_path: Path) -> None:

@@ -8,13 +8,10 @@ hand, scipy's Spearman, onnx.checker and onnxruntime on the written files).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
-import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -29,7 +26,7 @@ from torch_models import build_model, example_input
 from morphonnx.adapters.torch import Regularizer, export_onnx, export_spec
 from morphonnx.analysis import analyze
 from morphonnx.calibrate import FUSION_CHAINS, Calibration, ConvProbe, calibrate, fit_curve
-from morphonnx.devices import BUILTIN, Curve, Device, OpShape, profile_toml, resolve_device
+from morphonnx.devices import Curve, Device, OpShape, profile_toml, resolve_device
 from morphonnx.errors import MorphonnxError
 from morphonnx.regularize import NUMPY, cost_and_loss
 from morphonnx.runtime import random_feeds, session, time_runs
@@ -47,19 +44,14 @@ fused_ops = ["BatchNormalization", "Clip"]
 
 [peak_gflops_by_op]
 conv = 40
-pointwise = 60
 depthwise = 4
 gemm = 80
 conv_unaligned = 20
-pointwise_unaligned = 30
 depthwise_unaligned = 1
 
 [efficiency.conv]
 reduction_half = 20
 positions_half = 10
-
-[efficiency.pointwise]
-reduction_half = 8
 
 [efficiency.depthwise]
 positions_half = 30
@@ -90,20 +82,18 @@ def by_hand(
     op: tuple[tuple[int, ...], float, float] = ((), 0, 0),
 ) -> float:
     """The box profile's roofline, written out: a conv with an input channel count off 16 is
-    slower, and convs reach ``r / (r + 20) * p / (p + 10)`` of their peak (pointwise:
-    ``r / (r + 8)``, depthwise: ``p / (p + 30)``) at reduction length ``r`` and ``p`` output
-    positions (``op``: channels, r, p)."""
+    slower, and convs reach ``r / (r + 20) * p / (p + 10)`` of their peak (depthwise:
+    ``p / (p + 30)``) at reduction length ``r`` and ``p`` output positions (``op``: channels, r,
+    p)."""
     channels, r, p = op
-    peaks = {"conv": 40e9, "pointwise": 60e9, "depthwise": 4e9, "gemm": 80e9}
-    peaks |= {"conv_unaligned": 20e9, "pointwise_unaligned": 30e9, "depthwise_unaligned": 1e9}
+    peaks = {"conv": 40e9, "depthwise": 4e9, "gemm": 80e9}
+    peaks |= {"conv_unaligned": 20e9, "depthwise_unaligned": 1e9}
     efficiency = 1.0
     if kind == "conv":
         efficiency = r / (r + 20) * p / (p + 10)
-    elif kind == "pointwise":
-        efficiency = r / (r + 8)
     elif kind == "depthwise":
         efficiency = p / (p + 30)
-    if kind in ("conv", "pointwise", "depthwise") and channels and channels[0] % 16:
+    if kind in ("conv", "depthwise") and channels and channels[0] % 16:
         kind += "_unaligned"  # the input channels (an output count off 16 is padded)
     return 2.5e-6 + max(flops / (peaks.get(kind or "", 50e9) * efficiency), nbytes / 10e9)
 
@@ -134,24 +124,6 @@ def test_per_op_profile_reads_and_round_trips(box: Path, tmp_path: Path) -> None
     assert resolve_device(str(again)) == dev
 
 
-def test_a_pointwise_conv_uses_its_own_numbers_else_the_convs(box: Path) -> None:
-    """The box gives pointwise convs a peak of 60 (30 unaligned) and the curve r / (r + 8); a
-    profile without them (written before the kind existed) prices them as convs: 40 (20
-    unaligned) times r / (r + 20) x p / (p + 10)."""
-    dev = resolve_device(str(box))
-    aligned, off = OpShape((16, 16), 16, 49), OpShape((17, 16), 17, 49)
-    assert dev.peak("pointwise", aligned) == pytest.approx(60e9 * 16 / 24)
-    assert dev.peak("pointwise", off) == pytest.approx(30e9 * 17 / 25)
-    bare = dataclasses.replace(
-        dev,
-        op_peaks=tuple((k, v) for k, v in dev.op_peaks if not k.startswith("pointwise")),
-        curves=tuple((k, c) for k, c in dev.curves if k != "pointwise"),
-    )
-    assert bare.peak("pointwise", aligned) == pytest.approx(40e9 * 16 / 36 * 49 / 59)
-    assert bare.peak("pointwise", off) == pytest.approx(20e9 * 17 / 37 * 49 / 59)
-    assert BUILTIN["V100"].peak("pointwise", off) == BUILTIN["V100"].peak_flops
-
-
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -178,16 +150,14 @@ def test_bad_per_op_profiles(tmp_path: Path, extra: str, needle: str) -> None:
     assert "\n" not in msg and "bad.toml" in msg and needle in msg
 
 
-def _analyze_json_against_by_hand(
-    path: Path, box: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> set[Any]:
-    """``analyze --json`` of ``path`` on the box profile, every op and the total checked against
-    :func:`by_hand`; the op kinds met (with (kind, unaligned) for convs, "fused", None)."""
-    out = tmp_path / f"{path.stem}.json"
-    rc, _, err = run(capsys, "analyze", path, "--device", box, "--json", out)
+def test_analyze_json_uses_per_kind_peaks_and_overhead(
+    models: dict[str, Path], box: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a.json"
+    rc, _, err = run(capsys, "analyze", models["tiny_mobilenet_v2"], "--device", box, "--json", out)
     assert rc == 0, err
     doc = json.loads(out.read_text())
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(models["tiny_mobilenet_v2"])))
     inits = {t.name: t for t in model.graph.initializer}
     dims = {
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info
@@ -206,7 +176,7 @@ def _analyze_json_against_by_hand(
                 return True
         return False
 
-    kinds: set[Any] = set()
+    kinds = set()
     total = 0.0
     for op in doc["ops"]:
         node = next(n for n in model.graph.node if n.name == op["name"])
@@ -215,7 +185,6 @@ def _analyze_json_against_by_hand(
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             w = inits[node.input[1]].dims
             kind = "depthwise" if group > 1 and w[1] == 1 else "conv"
-            kind = "pointwise" if group == 1 and w[2] == w[3] == 1 else kind
             channels = (dims[node.input[0]][1], dims[node.output[0]][1])
             y = dims[node.output[0]]
             shape = (channels, w[1] * w[2] * w[3], y[0] * y[2] * y[3])
@@ -231,21 +200,12 @@ def _analyze_json_against_by_hand(
             if op["op_type"] == "Constant" or fused(node)
             else by_hand(op["flops"], op["bytes"], kind, shape)
         )
-        assert op["latency_s"]["box"] == pytest.approx(want, rel=1e-12), (op["name"], kind, shape)
+        assert op["latency_s"]["box"] == pytest.approx(want, rel=1e-12)
         total += want
+    for case in (("conv", True), ("conv", False), ("depthwise", True), ("depthwise", False)):
+        assert case in kinds  # aligned and unaligned convs of both kinds are exercised
+    assert {"conv", "depthwise", "gemm", "fused", None} <= kinds
     assert doc["totals"]["latency_s"]["box"] == pytest.approx(total, rel=1e-9)
-    return kinds
-
-
-def test_analyze_json_uses_per_kind_peaks_and_overhead(
-    models: dict[str, Path], box: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    kinds: set[Any] = set()
-    for path in models.values():
-        kinds |= _analyze_json_against_by_hand(path, box, tmp_path, capsys)
-    for case in itertools.product(("conv", "pointwise", "depthwise"), (True, False)):
-        assert case in kinds  # aligned and unaligned convs of every kind are exercised
-    assert {"conv", "pointwise", "depthwise", "gemm", "fused", None} <= kinds
 
 
 def test_latency_loss_uses_the_same_roofline_as_analyze(

@@ -1,5 +1,4 @@
-"""Pruning keeps its promise (contracts.md, "What prune promises") on random graphs and real
-models.
+"""Pruning keeps its promise on random graphs and real models.
 
 For any mask, the pruned model is the original with the dead channels removed: every tensor equals
 the zeroed original's on the kept channels (``verify``), the file passes ``onnx.checker`` with

@@ -267,7 +267,7 @@ def test_cost_terms_reproduce_macs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert sum(o["macs"] for o in costed) == report["totals"]["macs"] == hand_macs(8, 6)
 
     assert [t["op_type"] for t in spec["costs"]] == ["Conv", "Conv", "Conv", "Gemm"]
-    assert [t["kind"] for t in spec["costs"]] == ["pair", "depthwise", "pointwise", "pair"]
+    assert [t["kind"] for t in spec["costs"]] == ["pair", "depthwise", "pair", "pair"]
     assert [t["op"] for t in spec["costs"]] == [o["name"] for o in costed]
     for t, op in zip(spec["costs"], costed, strict=True):  # each term alone, everything alive
         alone = {**spec, "costs": [t]}

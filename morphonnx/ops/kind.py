@@ -55,15 +55,6 @@ class Layer:
     def depthwise(self, node: Node, weight: Shape) -> bool:
         return self.grouping is not None and self.grouping(node, weight).depthwise
 
-    def pointwise(self, node: Node, weight: Shape) -> bool:
-        """A 1x1 kernel over one group: a matrix product per position, which CPU runtimes run
-        without the patch copies of larger kernels (so at rates of its own)."""
-        return (
-            self.grouping is not None
-            and self.grouping(node, weight).groups == 1
-            and all(d == 1 for d in weight[2:])
-        )
-
 
 @dataclass(frozen=True)
 class OpKind:
