@@ -2,7 +2,10 @@
 
 Each number comes from a small model timed the way inference runs (same threads, warm-up; the
 fastest run, since other processes on the machine only ever add time): attainable FLOP/s of dense
-convs (pointwise over 8 to 128 input channels, 3x3 on large and small maps), of depthwise 3x3 convs
+convs (pointwise over 8 to 128 input channels, 3x3 on a large map, and on a 7x7 map a row of
+3x3 convs over as many channels as networks have there, 8x the large map's, each with weights of
+its own: a conv on a small map uses each weight for few outputs, and in a model those weights
+come from memory, not from a cache a lone small conv would keep them in), of depthwise 3x3 convs
 (small to large maps) and of a MatMul, memory bandwidth from a large elementwise Add, and a fixed
 cost per op from a chain of tiny Adds. A kernel reaches its peak only on enough work: the dense and
 depthwise rates are fitted with an efficiency curve (:class:`morphonnx.devices.Curve`) whose
@@ -69,7 +72,7 @@ def curve_probes(sizes: Sizes) -> tuple[list[ConvProbe], list[ConvProbe]]:
     """Aligned dense and depthwise convs over a range of reduction lengths and map sizes, the
     first of each being the probe the kind's ``_unaligned`` peak is compared with."""
     c, hw, dc, dhw = sizes.conv_channels, sizes.conv_hw, sizes.dw_channels, sizes.dw_hw
-    dense = [ConvProbe(c, c, hw), ConvProbe(c, c, 7)]
+    dense = [ConvProbe(c, c, hw), ConvProbe(8 * c, 8 * c, 7, depth=4)]
     dense += [ConvProbe(cin, c, hw, kernel=1) for cin in (8, 32, 128)]
     depthwise = [ConvProbe(dc, dc, dhw, depthwise=True)]
     depthwise += [ConvProbe(64, 64, s, depthwise=True) for s in (7, 14, 28) if s < dhw]
@@ -142,7 +145,8 @@ def _const(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> onnx.
 class ConvProbe:
     """A 'same' conv: dense (``cin`` -> ``cout``) or depthwise (``cin`` channels), with the ops in
     ``after`` applied to its output; each ``Add`` in them adds the output of one more such conv
-    of the same input (a residual join)."""
+    of the same input (a residual join). ``depth`` > 1: that many such convs in a row (then
+    ``cin`` == ``cout``), each with weights of its own."""
 
     cin: int
     cout: int
@@ -150,6 +154,11 @@ class ConvProbe:
     kernel: int = 3
     depthwise: bool = False
     after: tuple[str, ...] = ()
+    depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.depth > 1 and (self.cin != self.cout or self.after):
+            raise ValueError("a row of convs maps c channels to c, with nothing after them")
 
     @property
     def macs_per_output(self) -> float:
@@ -161,7 +170,7 @@ class ConvProbe:
 
     @property
     def flops(self) -> float:
-        return 2.0 * self.macs_per_output * self.cout * self.hw * self.hw * self.convs
+        return 2.0 * self.macs_per_output * self.cout * self.hw * self.hw * self.convs * self.depth
 
     @property
     def shape(self) -> OpShape:
@@ -170,7 +179,8 @@ class ConvProbe:
     def what(self) -> str:
         kind = f"depthwise {self.cin}" if self.depthwise else f"{self.cin}->{self.cout}"
         tail = "".join(f" + {'Add of a second conv' if op == 'Add' else op}" for op in self.after)
-        return f"conv {self.kernel}x{self.kernel} {kind} ch, {self.hw}x{self.hw}{tail}"
+        row = f", {self.depth} in a row" if self.depth > 1 else ""
+        return f"conv {self.kernel}x{self.kernel} {kind} ch, {self.hw}x{self.hw}{tail}{row}"
 
     def model(self) -> onnx.ModelProto:
         rng = np.random.default_rng(0)
@@ -178,12 +188,13 @@ class ConvProbe:
         k = self.kernel
         w = (self.cout, self.cin // groups, k, k)
 
-        def conv(weight: str, out: str) -> onnx.NodeProto:
+        def conv(weight: str, out: str, x: str = "x") -> onnx.NodeProto:
             inits.append(_const(weight, w, rng))
-            return helper.make_node("Conv", ["x", weight], [out], pads=[k // 2] * 4, group=groups)
+            return helper.make_node("Conv", [x, weight], [out], pads=[k // 2] * 4, group=groups)
 
         inits: list[onnx.TensorProto] = []
-        nodes = [conv("w", "y0")]
+        row = ["x"] + [f"r{i}" for i in range(1, self.depth)] + ["y0"]
+        nodes = [conv(f"wr{i}" if i else "w", row[i + 1], row[i]) for i in range(self.depth)]
         for i, op in enumerate(self.after):
             if op == "Add":
                 nodes.append(conv(f"w{i}", f"skip{i}"))

@@ -599,6 +599,26 @@ def _conv_nchw(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+def test_a_row_probe_computes_its_convs_in_turn() -> None:
+    """``calibrate``'s small-map probe is a row of convs with weights of their own: onnxruntime
+    computes them one after the other, and the FLOPs counted are the row's."""
+    probe = ConvProbe(4, 4, 6, depth=3)
+    model = probe.model()
+    inits = {
+        t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
+    }
+    assert len(inits) == 3  # weights of their own, not one tensor read three times
+    x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    want = x.astype(np.float64)
+    for name in ("w", "wr1", "wr2"):
+        want = _conv_nchw(want, inits[name])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert probe.flops == 3 * ConvProbe(4, 4, 6).flops == 3 * 2 * 4 * 9 * 4 * 36
+    with pytest.raises(ValueError):
+        ConvProbe(4, 8, 6, depth=2)  # a row maps c channels to c
+
+
 @pytest.mark.parametrize("chain", FUSION_CHAINS, ids="+".join)
 def test_fusion_probes_compute_what_they_say(chain: tuple[str, ...]) -> None:
     """Each fusion probe of ``calibrate`` runs in onnxruntime and computes its conv followed by
