@@ -36,6 +36,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,15 @@ MODELS = {"mobilenet_v2": mobilenet_v2_path, "resnet50": resnet50_path}
 def geometric_mean(measured: list[list[float]]) -> list[float]:
     """Per variant, the geometric mean of its measured latency ratios."""
     return np.exp(np.mean(np.log(measured), axis=0)).tolist()
+
+
+def progress(label: str) -> Callable[[int, int], None]:
+    """Prints ``label: done/total`` over itself as a sweep goes."""
+
+    def show(done: int, total: int) -> None:
+        print(f"\r{label}: {done}/{total}", end="", flush=True)
+
+    return show
 
 
 def one_fewer(keep: Keep) -> Keep:
@@ -188,7 +198,7 @@ def main() -> int:
                     setup,
                     args.variants,
                     csv_path,
-                    on_variant=lambda done, total, r=label: print(f"\r{r}: {done}/{total}", end=""),
+                    on_variant=progress(label),
                 )
                 print()
                 measured.append(column(rows, "relative"))
