@@ -99,11 +99,12 @@ def alignment_pairs(setup: SweepSetup, n: int) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="morphonnx-pairs-") as tmp:
         aligned, off = Path(tmp) / "aligned.onnx", Path(tmp) / "off.onnx"
         for keep in random_masks(a, n, setup.seed + 1, 8):
+            fewer = one_fewer(keep)
             measure_variant(a, setup, keep, aligned, original)
             _, measured = measure_variant(
-                a, setup, one_fewer(keep), off, timed_session(aligned, setup.config)
+                a, setup, fewer, off, timed_session(aligned, setup.config)
             )
-            before, after = a.predict(keep)[1], a.predict(one_fewer(keep))[1]
+            before, after = a.predict(keep)[1], a.predict(fewer)[1]
             ratio = {"flops": (after.flops or 0) / (before.flops or 1)}
             for d in setup.devices:
                 ratio[f"latency_{d.name}_s"] = (after.latency[d.name] or 0) / (
